@@ -1,0 +1,35 @@
+# Two commands do everything on a fresh machine (Python 3.11 + Java 17):
+#   make demo   - create .venv and run the whole flow on the embedded default
+#   make test   - create .venv and run the full test suite
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+EXTRAS := embedded,hf,redis,dev
+
+.PHONY: demo test venv redis bench clean
+
+$(VENV)/.installed: setup.py constraints-cpu.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c constraints-cpu.txt -e ".[$(EXTRAS)]"
+	touch $@
+
+venv: $(VENV)/.installed
+
+# The production online store in tests is a real redis-server (Debian package).
+redis:
+	@command -v redis-server >/dev/null || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq redis-server >/dev/null; }
+
+demo: venv
+	$(PY) -m spark_jobs.demo
+
+test: venv redis
+	$(PY) -m pytest -q tests
+
+bench: venv
+	$(PY) bench/annotate_throughput.py
+
+clean:
+	rm -rf artifacts feature_repo/data spark-warehouse

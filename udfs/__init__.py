@@ -1,0 +1,31 @@
+"""SQL-native LLM annotation for Spark.
+
+    from udfs import register, load_spec
+    register(spark, load_spec("specs/movielens.yaml"), engine={"type": "embedding"})
+    spark.sql("SELECT item_id, annotate('vibe', title, description) AS vibe, "
+              "caption(title, description) AS caption FROM items")
+"""
+from __future__ import annotations
+
+from udfs.spec import Spec, SpecError, load_spec
+
+
+def register(spark, spec: Spec | str, engine: dict | None = None, fail_on_error: bool = False,
+             prefix: str = ""):
+    """Register annotate() and caption() as SQL functions on this session.
+
+    `engine` is a plain config dict (see udfs.engines); the engine itself is built lazily,
+    once per Python worker. Returns the two UDF objects for DataFrame-API use.
+    """
+    from udfs.functions import make_annotate_udf, make_caption_udf
+
+    if isinstance(spec, str):
+        spec = load_spec(spec)
+    annotate = make_annotate_udf(spec, engine, fail_on_error)
+    caption = make_caption_udf(spec, engine, fail_on_error)
+    spark.udf.register(prefix + "annotate", annotate)
+    spark.udf.register(prefix + "caption", caption)
+    return annotate, caption
+
+
+__all__ = ["register", "load_spec", "Spec", "SpecError"]

@@ -1,0 +1,114 @@
+"""The pure core between Spark and an engine: clean, de-duplicate, call, map back.
+
+Whatever the input, every row comes out with either a result or an error: null or empty
+texts get an error without reaching the engine, duplicate texts are scored once, and an
+engine exception is narrowed down by bisection to the rows that cause it, so one bad row
+never costs the batch.
+"""
+from __future__ import annotations
+
+import math
+import re
+from typing import Callable, Sequence
+
+import pandas as pd
+
+from udfs.engines.base import Engine
+from udfs.spec import Attribute, Caption
+
+MAX_CHARS = 4000
+# C0/C1 control characters other than tab and newline confuse tokenizers and prompts.
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+EMPTY_TEXT = "empty text: nothing to annotate"
+
+
+def clean_text(*parts) -> str | None:
+    """Join the non-empty text parts of one row; None when nothing is left."""
+    pieces = []
+    for part in parts:
+        if part is None or (isinstance(part, float) and math.isnan(part)):
+            continue
+        if isinstance(part, bytes):
+            part = part.decode("utf-8", errors="replace")
+        s = str(part).encode("utf-8", errors="replace").decode("utf-8")
+        s = _CONTROL.sub(" ", s).strip()
+        if s:
+            pieces.append(s)
+    if not pieces:
+        return None
+    return " ".join(pieces)[:MAX_CHARS]
+
+
+def clean_columns(columns: Sequence[pd.Series]) -> pd.Series:
+    """Row-wise clean_text over several text columns."""
+    if len(columns) == 1:
+        return columns[0].map(clean_text)
+    frame = pd.concat([c.reset_index(drop=True) for c in columns], axis=1)
+    return pd.Series([clean_text(*row) for row in frame.itertuples(index=False, name=None)])
+
+
+def _isolating(fn: Callable[[list[str]], list], texts: list[str]) -> list[tuple[object, str | None]]:
+    """Call fn on texts; on failure split in halves until the failing rows are alone."""
+    try:
+        out = fn(texts)
+        if len(out) != len(texts):
+            raise RuntimeError(f"engine returned {len(out)} results for {len(texts)} texts")
+        return [(o, None) for o in out]
+    except Exception as exc:  # noqa: BLE001 - any engine failure becomes a row error
+        if len(texts) == 1:
+            return [(None, f"{type(exc).__name__}: {exc}"[:500])]
+        mid = len(texts) // 2
+        return _isolating(fn, texts[:mid]) + _isolating(fn, texts[mid:])
+
+
+def _unique_call(texts: pd.Series, fn: Callable[[list[str]], list]) -> tuple[list, list]:
+    """Results and errors per row, calling fn once per distinct non-empty text."""
+    valid = texts.notna()
+    unique = list(dict.fromkeys(texts[valid]))
+    by_text = dict(zip(unique, _isolating(fn, unique))) if unique else {}
+    results, errors = [], []
+    for text in texts:
+        if text is None or (isinstance(text, float) and math.isnan(text)):
+            results.append(None)
+            errors.append(EMPTY_TEXT)
+        else:
+            value, err = by_text[text]
+            results.append(value)
+            errors.append(err)
+    return results, errors
+
+
+def annotate_texts(engine: Engine, attribute: Attribute, texts: pd.Series) -> pd.DataFrame:
+    """Columns label, confidence, error for each (already cleaned) text."""
+    allowed = set(attribute.labels)
+
+    def call(batch: list[str]) -> list[tuple[str, float]]:
+        out = engine.classify(batch, attribute)
+        pairs = list(zip(out.labels, out.confidences))
+        for label, conf in pairs:
+            if label not in allowed:
+                raise ValueError(f"engine returned label {label!r} outside {sorted(allowed)}")
+            if not (conf is not None and 0.0 <= conf <= 1.0):
+                raise ValueError(f"engine returned confidence {conf!r} outside [0, 1]")
+        if len(pairs) != len(batch):
+            raise RuntimeError(f"engine returned {len(pairs)} labels for {len(batch)} texts")
+        return pairs
+
+    results, errors = _unique_call(texts.reset_index(drop=True), call)
+    return pd.DataFrame({
+        "label": [r[0] if r else None for r in results],
+        "confidence": [float(r[1]) if r else None for r in results],
+        "error": errors,
+    })
+
+
+def caption_texts(engine: Engine, caption: Caption, texts: pd.Series) -> pd.DataFrame:
+    """Columns caption, error for each (already cleaned) text."""
+    def call(batch: list[str]) -> list[str]:
+        out = engine.caption(batch, caption)
+        if any(not isinstance(c, str) for c in out):
+            raise ValueError("engine returned a non-string caption")
+        return out
+
+    results, errors = _unique_call(texts.reset_index(drop=True), call)
+    return pd.DataFrame({"caption": results, "error": errors})

@@ -1,0 +1,87 @@
+"""The SQL functions: Arrow pandas UDFs (iterator form) over one engine per worker.
+
+    annotate(attr, text, ...) -> struct<label, confidence, model, spec_version, error>
+    caption(text, ...)        -> struct<caption, tokens array<bigint>, error>
+
+Each Arrow batch goes to the engine whole (after de-duplication); the engine is fetched once
+per task from the worker cache. The size of an Arrow batch is
+spark.sql.execution.arrow.maxRecordsPerBatch.
+"""
+from __future__ import annotations
+
+from typing import Iterator, Tuple
+
+import pandas as pd
+from pyspark.sql.functions import pandas_udf
+
+from udfs import annotator, tokens, worker
+from udfs.spec import Spec
+
+ANNOTATE_TYPE = ("label string, confidence double, model string, "
+                 "spec_version string, error string")
+CAPTION_TYPE = "caption string, tokens array<bigint>, error string"
+
+
+class RowErrors(RuntimeError):
+    """Raised instead of returning row errors when fail_on_error is set."""
+
+
+def _check(errors: pd.Series, what: str, fail_on_error: bool) -> None:
+    if fail_on_error and errors.notna().any():
+        bad = errors.dropna()
+        raise RowErrors(f"{what}: {len(bad)} of {len(errors)} rows failed "
+                        f"(fail_on_error is set); first error: {bad.iloc[0]}")
+
+
+def annotate_frame(engine, spec: Spec, attrs: pd.Series, texts: pd.Series) -> pd.DataFrame:
+    """One batch of annotate(): attrs usually hold one literal name, but any mix works."""
+    attrs = attrs.reset_index(drop=True)
+    texts = texts.reset_index(drop=True)
+    out = pd.DataFrame({"label": pd.Series([None] * len(texts), dtype=object),
+                        "confidence": pd.Series([None] * len(texts), dtype="float64"),
+                        "model": engine.model_name,
+                        "spec_version": pd.Series([None] * len(texts), dtype=object),
+                        "error": pd.Series([None] * len(texts), dtype=object)})
+    for name, idx in attrs.groupby(attrs.fillna("")).groups.items():
+        if name not in spec.attributes:
+            out.loc[idx, "error"] = (f"unknown attribute {name!r}; the spec declares "
+                                     f"{sorted(spec.attributes)}")
+            continue
+        attribute = spec.attributes[name]
+        res = annotator.annotate_texts(engine, attribute, texts.loc[idx])
+        res.index = idx
+        out.loc[idx, ["label", "confidence", "error"]] = res[["label", "confidence", "error"]]
+        out.loc[idx, "spec_version"] = attribute.version
+    return out
+
+
+def caption_frame(engine, spec: Spec, texts: pd.Series) -> pd.DataFrame:
+    if spec.caption is None:
+        n = len(texts)
+        return pd.DataFrame({"caption": [None] * n, "tokens": [None] * n,
+                             "error": ["the spec declares no caption"] * n})
+    res = annotator.caption_texts(engine, spec.caption, texts)
+    res.insert(1, "tokens", res["caption"].map(tokens.caption_tokens))
+    return res
+
+
+def make_annotate_udf(spec: Spec, engine_config: dict | None, fail_on_error: bool = False):
+    @pandas_udf(ANNOTATE_TYPE)
+    def annotate(batches: Iterator[Tuple[pd.Series, ...]]) -> Iterator[pd.DataFrame]:
+        engine = worker.get_engine(engine_config)
+        for cols in batches:
+            out = annotate_frame(engine, spec, cols[0], annotator.clean_columns(cols[1:]))
+            _check(out["error"], "annotate", fail_on_error)
+            yield out
+    return annotate
+
+
+def make_caption_udf(spec: Spec, engine_config: dict | None, fail_on_error: bool = False):
+    @pandas_udf(CAPTION_TYPE)
+    def caption(batches: Iterator[Tuple[pd.Series, ...]]) -> Iterator[pd.DataFrame]:
+        engine = worker.get_engine(engine_config)
+        for cols in batches:
+            out = caption_frame(engine, spec, annotator.clean_columns(cols))
+            _check(out["error"], "caption", fail_on_error)
+            yield out
+    return caption

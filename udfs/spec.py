@@ -1,0 +1,195 @@
+"""Attribute specs: the versioned YAML that says what to annotate.
+
+A spec declares attributes (each a closed label set with one-line definitions, a prompt
+template and optional few-shot examples) and an optional caption. Every attribute carries a
+version derived from its content, so a changed definition is a new version and the
+incremental annotate job knows which rows to redo.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+DEFAULT_PROMPT = (
+    "Item: {text}\n"
+    "Question: which {attribute} fits this item best? Options: {labels}.\n"
+    "Answer:"
+)
+DEFAULT_CAPTION_PROMPT = "Item: {text}\nDescribe this item in a few words:"
+
+
+class SpecError(ValueError):
+    """A spec file that cannot be used; the message names the offending field."""
+
+
+def _version(payload: dict) -> str:
+    canonical = json.dumps(payload, sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:12]
+
+
+@dataclass(frozen=True)
+class Example:
+    text: str
+    label: str
+
+
+@dataclass(frozen=True)
+class Attribute:
+    name: str
+    labels: tuple[str, ...]
+    definitions: tuple[str, ...]
+    prompt: str = DEFAULT_PROMPT
+    examples: tuple[Example, ...] = ()
+    description: str = ""
+
+    @property
+    def version(self) -> str:
+        return _version({
+            "name": self.name, "labels": list(self.labels),
+            "definitions": list(self.definitions), "prompt": self.prompt,
+            "examples": [[e.text, e.label] for e in self.examples],
+        })
+
+    def render(self, text: str) -> str:
+        """The prompt for one item, few-shot examples first."""
+        shots = "".join(
+            self.prompt.format(text=e.text, attribute=self.name, labels=", ".join(self.labels))
+            + f" {e.label}\n\n" for e in self.examples)
+        return shots + self.prompt.format(
+            text=text, attribute=self.name, labels=", ".join(self.labels))
+
+
+@dataclass(frozen=True)
+class Caption:
+    prompt: str = DEFAULT_CAPTION_PROMPT
+    max_tokens: int = 16
+    descriptors: tuple[str, ...] = ()
+    top_k: int = 4
+
+    @property
+    def version(self) -> str:
+        return _version({"prompt": self.prompt, "max_tokens": self.max_tokens,
+                         "descriptors": list(self.descriptors), "top_k": self.top_k})
+
+    def render(self, text: str) -> str:
+        return self.prompt.format(text=text)
+
+
+@dataclass(frozen=True)
+class Spec:
+    attributes: dict[str, Attribute]
+    caption: Caption | None = None
+    name: str = "spec"
+    source: str = field(default="", compare=False)
+
+    @property
+    def version(self) -> str:
+        """One version for the whole spec: any changed attribute or caption changes it."""
+        parts = {n: a.version for n, a in sorted(self.attributes.items())}
+        parts["__caption__"] = self.caption.version if self.caption else ""
+        return _version(parts)
+
+    def attribute(self, name: str) -> Attribute:
+        try:
+            return self.attributes[name]
+        except KeyError:
+            raise SpecError(
+                f"unknown attribute {name!r}; the spec declares {sorted(self.attributes)}"
+            ) from None
+
+
+def _require(cond: bool, where: str, msg: str) -> None:
+    if not cond:
+        raise SpecError(f"{where}: {msg}")
+
+
+def _check_template(template: str, where: str, allowed: set[str]) -> None:
+    import string
+    try:
+        names = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
+    except ValueError as exc:
+        raise SpecError(f"{where}: malformed template ({exc})") from None
+    _require("text" in names, where, "template must contain {text}")
+    unknown = names - allowed
+    _require(not unknown, where, f"unknown placeholders {sorted(unknown)}; allowed {sorted(allowed)}")
+
+
+def parse_spec(data: dict, source: str = "") -> Spec:
+    """Validate a spec mapping (as loaded from YAML) and build a Spec."""
+    _require(isinstance(data, dict), "spec", "must be a mapping with an 'attributes' key")
+    attrs_raw = data.get("attributes")
+    _require(isinstance(attrs_raw, dict) and attrs_raw, "attributes",
+             "must be a non-empty mapping of attribute name -> definition")
+    attributes = {}
+    for name, body in attrs_raw.items():
+        where = f"attributes.{name}"
+        _require(isinstance(name, str) and name.isidentifier(), where,
+                 "attribute names must be identifiers (letters, digits, underscore)")
+        _require(isinstance(body, dict), where, "must be a mapping")
+        labels_raw = body.get("labels")
+        _require(labels_raw is not None, f"{where}.labels", "is required")
+        if isinstance(labels_raw, dict):
+            pairs = list(labels_raw.items())
+        elif isinstance(labels_raw, list):
+            pairs = []
+            for i, item in enumerate(labels_raw):
+                _require(isinstance(item, dict) and len(item) == 1, f"{where}.labels[{i}]",
+                         "each entry must be a single 'label: definition' pair")
+                pairs.extend(item.items())
+        else:
+            raise SpecError(f"{where}.labels: must be a mapping or list of label: definition")
+        _require(len(pairs) >= 2, f"{where}.labels", "needs at least two labels")
+        labels = [str(k).strip() for k, _ in pairs]
+        dupes = sorted({lab for lab in labels if labels.count(lab) > 1})
+        _require(not dupes, f"{where}.labels", f"duplicate labels {dupes}")
+        for lab, definition in pairs:
+            _require(bool(str(lab).strip()), f"{where}.labels", "labels must be non-empty")
+            _require(isinstance(definition, str) and definition.strip(),
+                     f"{where}.labels.{lab}", "needs a one-line definition")
+        prompt = body.get("prompt", DEFAULT_PROMPT)
+        _check_template(prompt, f"{where}.prompt", {"text", "attribute", "labels"})
+        examples = []
+        for i, ex in enumerate(body.get("examples") or []):
+            _require(isinstance(ex, dict) and "text" in ex and "label" in ex,
+                     f"{where}.examples[{i}]", "needs 'text' and 'label'")
+            _require(ex["label"] in labels, f"{where}.examples[{i}].label",
+                     f"{ex['label']!r} is not one of {labels}")
+            examples.append(Example(str(ex["text"]), str(ex["label"])))
+        attributes[name] = Attribute(
+            name=name, labels=tuple(labels),
+            definitions=tuple(str(d).strip() for _, d in pairs),
+            prompt=prompt, examples=tuple(examples),
+            description=str(body.get("description", "")))
+    caption = None
+    cap_raw = data.get("caption")
+    if cap_raw is not None:
+        _require(isinstance(cap_raw, dict), "caption", "must be a mapping")
+        prompt = cap_raw.get("prompt", DEFAULT_CAPTION_PROMPT)
+        _check_template(prompt, "caption.prompt", {"text"})
+        max_tokens = cap_raw.get("max_tokens", 16)
+        _require(isinstance(max_tokens, int) and 1 <= max_tokens <= 512,
+                 "caption.max_tokens", "must be an integer in [1, 512]")
+        top_k = cap_raw.get("top_k", 4)
+        _require(isinstance(top_k, int) and top_k >= 1, "caption.top_k", "must be a positive integer")
+        descriptors = cap_raw.get("descriptors") or []
+        _require(isinstance(descriptors, list) and all(isinstance(d, str) for d in descriptors),
+                 "caption.descriptors", "must be a list of strings")
+        caption = Caption(prompt=prompt, max_tokens=max_tokens,
+                          descriptors=tuple(descriptors), top_k=top_k)
+    return Spec(attributes=attributes, caption=caption,
+                name=str(data.get("name", Path(source).stem if source else "spec")), source=source)
+
+
+def load_spec(path: str | Path) -> Spec:
+    path = Path(path)
+    if not path.exists():
+        raise SpecError(f"spec file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise SpecError(f"{path}: not valid YAML ({exc})") from None
+    return parse_spec(data, source=str(path))
