@@ -9,7 +9,7 @@ setup(
     packages=find_packages(include=["udfs*", "spark_jobs*", "expectations*", "ranking_service*"]),
     package_data={"expectations": ["*.json"]},
     install_requires=[
-        "pyspark==4.3.0",
+        "pyspark[connect]==4.3.0",  # connect extras: GE imports pyspark.sql.connect
         "feast==0.67.0",
         "great-expectations==1.24.1",
         "xgboost==3.2.0",

@@ -1,0 +1,120 @@
+"""Any local Hugging Face causal LM directory, on CPU or GPU, offline.
+
+classify: every label is scored by the summed log-likelihood of " " + label after the
+rendered prompt; a softmax over the labels gives the confidence, so the answer is always a
+declared label with a probability. Prompt x label sequences are left-padded (with position
+ids from the attention mask, so padding changes nothing) and only the last positions'
+logits are computed, which keeps memory at batch x longest-label x vocab.
+caption: greedy generation of caption.max_tokens new tokens, batched with left padding.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from udfs.engines.base import Engine, Labels
+from udfs.spec import Attribute, Caption
+
+
+def label_probabilities(loglik: np.ndarray) -> np.ndarray:
+    """Softmax over labels (axis 1) of per-label summed log-likelihoods."""
+    z = loglik - loglik.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+class TransformersEngine(Engine):
+    def __init__(self, model: str, device: str = "cpu", batch_size: int = 16,
+                 max_prompt_tokens: int = 512, dtype: str = "auto", threads: int | None = None):
+        path = Path(model)
+        if not path.is_dir():
+            raise FileNotFoundError(f"transformers model directory not found: {path}")
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if threads:
+            torch.set_num_threads(threads)
+        self._torch = torch
+        self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.model = AutoModelForCausalLM.from_pretrained(
+            path, local_files_only=True, dtype=dtype).to(device).eval()
+        self.device = device
+        self.batch_size = batch_size
+        self.max_prompt_tokens = max_prompt_tokens
+        self.model_name = f"transformers:{path.resolve().name}"
+
+    def _encode(self, prompt: str) -> list[int]:
+        """Prompt ids, cut from the left (the question sits at the end), keeping a BOS."""
+        ids = self.tokenizer(prompt).input_ids
+        if len(ids) <= self.max_prompt_tokens:
+            return ids
+        bos = self.tokenizer.bos_token_id
+        head = ids[:1] if bos is not None and ids[0] == bos else []
+        return head + ids[len(ids) - self.max_prompt_tokens + len(head):]
+
+    def _left_pad(self, rows: list[list[int]]):
+        torch = self._torch
+        width = max(map(len, rows))
+        pad = self.tokenizer.pad_token_id
+        ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=self.device)
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows],
+                            device=self.device)
+        return ids, mask
+
+    def label_loglik(self, texts: Sequence[str], attribute: Attribute) -> np.ndarray:
+        """Summed log-likelihood of each label after each text's prompt: [texts, labels]."""
+        torch = self._torch
+        label_ids = [self.tokenizer(" " + lab, add_special_tokens=False).input_ids
+                     for lab in attribute.labels]
+        rows = [(p + l, len(l)) for p in (self._encode(attribute.render(t)) for t in texts)
+                for l in label_ids]
+        scores = []
+        for start in range(0, len(rows), self.batch_size):
+            chunk = rows[start:start + self.batch_size]
+            ids, mask = self._left_pad([r for r, _ in chunk])
+            # Left padding puts every label at the end, so the last n+1 positions suffice.
+            n = max(k for _, k in chunk)
+            with torch.inference_mode():
+                logits = self.model(
+                    input_ids=ids, attention_mask=mask,
+                    position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                    logits_to_keep=n + 1).logits
+            logp = logits[:, :-1].float().log_softmax(-1)
+            token_lp = logp.gather(-1, ids[:, -n:, None]).squeeze(-1)
+            lengths = torch.tensor([k for _, k in chunk], device=self.device)
+            is_label = torch.arange(n, device=self.device) >= n - lengths[:, None]
+            scores.append((token_lp * is_label).sum(-1).cpu().numpy())
+        return np.concatenate(scores).reshape(len(texts), len(attribute.labels))
+
+    def classify(self, texts: Sequence[str], attribute: Attribute) -> Labels:
+        probs = label_probabilities(self.label_loglik(texts, attribute))
+        best = probs.argmax(axis=1)
+        return Labels(labels=[attribute.labels[i] for i in best],
+                      confidences=probs[np.arange(len(best)), best].astype(float).tolist())
+
+    def caption(self, texts: Sequence[str], caption: Caption) -> list[str]:
+        torch = self._torch
+        out = []
+        for start in range(0, len(texts), self.batch_size):
+            prompts = [self._encode(caption.render(t)) for t in texts[start:start + self.batch_size]]
+            ids, mask = self._left_pad(prompts)
+            with torch.inference_mode():
+                generated = self.model.generate(
+                    input_ids=ids, attention_mask=mask, max_new_tokens=caption.max_tokens,
+                    do_sample=False, pad_token_id=self.tokenizer.pad_token_id)
+            new = generated[:, ids.shape[1]:]
+            out.extend(s.strip() for s in
+                       self.tokenizer.batch_decode(new, skip_special_tokens=True))
+        return out
+
+    def close(self) -> None:
+        self.model = None
+        if self.device.startswith("cuda"):
+            self._torch.cuda.empty_cache()
