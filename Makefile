@@ -11,7 +11,7 @@ EXTRAS := embedded,hf,redis,dev
 $(VENV)/.installed: setup.py constraints-cpu.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c constraints-cpu.txt -e ".[$(EXTRAS)]"
+	$(PY) -m pip install --quiet -c constraints-cpu.txt --config-settings editable_mode=compat -e ".[$(EXTRAS)]"
 	touch $@
 
 venv: $(VENV)/.installed

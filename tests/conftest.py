@@ -11,6 +11,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SPEC_PATH = ROOT / "specs" / "movielens.yaml"
 
 os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
