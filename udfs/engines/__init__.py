@@ -4,6 +4,7 @@
     {"type": "transformers", "model": "/path/to/hf-dir"}
     {"type": "vllm", "model": "/path/or/name", "gpu_memory_utilization": 0.9}
     {"type": "openai", "base_url": "http://host:8000/v1", "model": "name"}
+    {"type": "student", "path": "/path/to/student"}          # distilled from a teacher engine
 
 Backends are imported lazily so a worker only imports the libraries its engine needs.
 """
@@ -18,6 +19,7 @@ _BACKENDS = {
     "transformers": "udfs.engines.hf:TransformersEngine",
     "vllm": "udfs.engines.vllm:VLLMEngine",
     "openai": "udfs.engines.openai:OpenAIEngine",
+    "student": "udfs.engines.student:StudentEngine",
 }
 
 DEFAULT_ENGINE = {"type": "embedding"}
