@@ -6,7 +6,7 @@ setup(
     description="LLM-annotated item features for recommenders: Spark SQL annotation UDFs, "
                 "a Great Expectations gate on Feast materialization, and an XGBoost ranker.",
     python_requires=">=3.11",
-    packages=find_packages(include=["udfs*", "spark_jobs*", "expectations*", "ranking_service*"]),
+    packages=find_packages(include=["udfs*", "spark_jobs*", "expectations*", "ranking_service*", "quality*"]),
     package_data={"expectations": ["*.json"]},
     install_requires=[
         "pyspark[connect]==4.3.0",  # connect extras: GE imports pyspark.sql.connect
@@ -18,6 +18,8 @@ setup(
         "numpy>=1.26",
         "pyyaml>=6",
         "scikit-learn>=1.5",
+        "joblib>=1.3",
+        "psutil>=5.9",
         "matplotlib>=3.8",
         "fastapi>=0.110",
         "uvicorn>=0.30",

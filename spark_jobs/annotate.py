@@ -163,7 +163,9 @@ def run(spark: SparkSession, spec: Spec, items: DataFrame, output: str,
     log.info("rows in: %d, reused: %d, to annotate: %d", rows_in, n_reused, n_todo)
     print(f"[annotate] {rows_in} rows in, {n_reused} reused, {n_todo} to annotate", flush=True)
 
-    register(spark, spec, engine=engine, fail_on_error=fail_on_error)
+    engine_seconds = spark.sparkContext.accumulator(0.0)
+    register(spark, spec, engine=engine, fail_on_error=fail_on_error,
+             engine_seconds=engine_seconds)
     todo.createOrReplaceTempView("items")
     query = sql or default_query(spec, text_columns)
     annotated = spark.sql(query)
@@ -177,9 +179,9 @@ def run(spark: SparkSession, spec: Spec, items: DataFrame, output: str,
     result = fresh if reused is None else fresh.unionByName(reused.select(*fresh.columns))
 
     tmp = output.rstrip("/") + f"._tmp_{uuid.uuid4().hex[:8]}"
-    engine_started = time.time()
+    write_started = time.time()
     result.write.mode("error").parquet(tmp)
-    engine_seconds = time.time() - engine_started
+    write_seconds = time.time() - write_started
     written = spark.read.parquet(tmp)
     stats = written.agg(F.count("*").alias("n"),
                         F.sum(F.col("error").isNotNull().cast("int")).alias("errors")).first()
@@ -190,8 +192,9 @@ def run(spark: SparkSession, spec: Spec, items: DataFrame, output: str,
         "rows_in": rows_in, "rows_annotated": n_todo, "rows_reused": n_reused,
         "rows_written": stats["n"], "rows_with_errors": int(stats["errors"] or 0),
         "seconds": round(time.time() - started, 2),
-        "annotate_seconds": round(engine_seconds, 2),
-        "rows_per_second": round(n_todo / engine_seconds, 1) if n_todo else None,
+        "annotate_seconds": round(write_seconds, 2),
+        "engine_seconds": round(engine_seconds.value, 2),
+        "rows_per_second": round(n_todo / write_seconds, 1) if n_todo else None,
         "spec_version": spec.version, "output": output,
     }
     if stats["n"] != rows_in:

@@ -11,18 +11,20 @@ from udfs.spec import Spec, SpecError, load_spec
 
 
 def register(spark, spec: Spec | str, engine: dict | None = None, fail_on_error: bool = False,
-             prefix: str = ""):
+             prefix: str = "", engine_seconds=None):
     """Register annotate() and caption() as SQL functions on this session.
 
     `engine` is a plain config dict (see udfs.engines); the engine itself is built lazily,
-    once per Python worker. Returns the two UDF objects for DataFrame-API use.
+    once per Python worker. `engine_seconds`, an optional float accumulator
+    (spark.sparkContext.accumulator(0.0)), adds up the time the functions spend annotating.
+    Returns the two UDF objects for DataFrame-API use.
     """
     from udfs.functions import make_annotate_udf, make_caption_udf
 
     if isinstance(spec, str):
         spec = load_spec(spec)
-    annotate = make_annotate_udf(spec, engine, fail_on_error)
-    caption = make_caption_udf(spec, engine, fail_on_error)
+    annotate = make_annotate_udf(spec, engine, fail_on_error, engine_seconds)
+    caption = make_caption_udf(spec, engine, fail_on_error, engine_seconds)
     spark.udf.register(prefix + "annotate", annotate)
     spark.udf.register(prefix + "caption", caption)
     return annotate, caption

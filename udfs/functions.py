@@ -9,6 +9,7 @@ spark.sql.execution.arrow.maxRecordsPerBatch.
 """
 from __future__ import annotations
 
+import time
 from typing import Iterator, Tuple
 
 import pandas as pd
@@ -65,23 +66,32 @@ def caption_frame(engine, spec: Spec, texts: pd.Series) -> pd.DataFrame:
     return res
 
 
-def make_annotate_udf(spec: Spec, engine_config: dict | None, fail_on_error: bool = False):
+def make_annotate_udf(spec: Spec, engine_config: dict | None, fail_on_error: bool = False,
+                      engine_seconds=None):
+    """`engine_seconds`: an optional Spark accumulator that adds up time spent annotating."""
     @pandas_udf(ANNOTATE_TYPE)
     def annotate(batches: Iterator[Tuple[pd.Series, ...]]) -> Iterator[pd.DataFrame]:
         engine = worker.get_engine(engine_config)
         for cols in batches:
+            started = time.perf_counter()
             out = annotate_frame(engine, spec, cols[0], annotator.clean_columns(cols[1:]))
+            if engine_seconds is not None:
+                engine_seconds.add(time.perf_counter() - started)
             _check(out["error"], "annotate", fail_on_error)
             yield out
     return annotate
 
 
-def make_caption_udf(spec: Spec, engine_config: dict | None, fail_on_error: bool = False):
+def make_caption_udf(spec: Spec, engine_config: dict | None, fail_on_error: bool = False,
+                     engine_seconds=None):
     @pandas_udf(CAPTION_TYPE)
     def caption(batches: Iterator[Tuple[pd.Series, ...]]) -> Iterator[pd.DataFrame]:
         engine = worker.get_engine(engine_config)
         for cols in batches:
+            started = time.perf_counter()
             out = caption_frame(engine, spec, annotator.clean_columns(cols))
+            if engine_seconds is not None:
+                engine_seconds.add(time.perf_counter() - started)
             _check(out["error"], "caption", fail_on_error)
             yield out
     return caption

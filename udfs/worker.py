@@ -19,6 +19,9 @@ log = logging.getLogger(__name__)
 _engine: Engine | None = None
 _engine_key: str | None = None
 _CUDA_MODULES = ("torch.cuda", "vllm", "cupy")
+# CPU engines that take a `threads` option: sized to the task's cores, so N concurrent
+# workers do not each start one thread per machine core and oversubscribe the CPU.
+_CPU_THREADED = {"embedding"}
 
 
 def task_gpu_addresses() -> list[str]:
@@ -53,6 +56,24 @@ def pin_gpu() -> str | None:
     return value
 
 
+def task_cpus() -> int | None:
+    try:
+        from pyspark import TaskContext
+    except ImportError:  # pragma: no cover
+        return None
+    ctx = TaskContext.get()
+    return ctx.cpus() if ctx is not None else None
+
+
+def effective_config(config: dict | None) -> dict:
+    """The config as built in this worker: CPU engines get threads = the task's cores."""
+    config = dict(config or {"type": "embedding"})
+    cpus = task_cpus()
+    if config.get("type") in _CPU_THREADED and "threads" not in config and cpus:
+        config["threads"] = cpus
+    return config
+
+
 def get_engine(config: dict | None) -> Engine:
     """This worker's engine for `config`, built on first use and then reused."""
     global _engine, _engine_key
@@ -63,6 +84,6 @@ def get_engine(config: dict | None) -> Engine:
             _engine = None
         pinned = pin_gpu()
         log.info("building engine %s (pid %d, gpu %s)", key, os.getpid(), pinned)
-        _engine = build_engine(config)
+        _engine = build_engine(effective_config(config))
         _engine_key = key
     return _engine

@@ -56,13 +56,17 @@ class EmbeddingEngine(Engine):
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         """Normalised embeddings, encoding only texts not seen recently."""
-        missing = list(dict.fromkeys(t for t in texts if t not in self._cache))
+        if not texts:
+            return np.zeros((0, self.model.get_sentence_embedding_dimension()), np.float32)
+        found = {t: self._cache[t] for t in texts if t in self._cache}
+        missing = list(dict.fromkeys(t for t in texts if t not in found))
         if missing:
-            for text, vec in zip(missing, self._encode(missing)):
-                self._cache[text] = vec
-            while len(self._cache) > self._cache_size:
-                self._cache.popitem(last=False)
-        return np.stack([self._cache[t] for t in texts]) if texts else np.zeros((0, 384))
+            found.update(zip(missing, self._encode(missing)))
+            if self._cache_size:
+                self._cache.update((t, found[t]) for t in missing)
+                while len(self._cache) > self._cache_size:
+                    self._cache.popitem(last=False)
+        return np.stack([found[t] for t in texts])
 
     def _vectors(self, key: tuple, phrases: Sequence[str]) -> np.ndarray:
         if key not in self._label_vecs:

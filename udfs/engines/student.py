@@ -1,0 +1,71 @@
+"""The `student` engine: labels from a classifier distilled from another engine.
+
+    {"type": "student", "path": "artifacts/student"}      # directory written by spark_jobs.distill
+
+A student directory holds one <attribute>.json/.npz pair per distilled attribute. The student
+embeds texts with the embedded MiniLM encoder (the same one it was trained on) and applies
+its logistic regression; the confidence is the predicted label's probability. It refuses an
+attribute it was not trained on, and one whose spec definition changed since distillation
+(its labels would mean something else): both raise, and the annotator turns that into row
+errors. Captions fall back to the embedding engine's descriptor captions, so items routed to
+the student still get a caption when the spec lists descriptors.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+from udfs.engines.base import Engine, Labels
+from udfs.engines.embedding import EmbeddingEngine
+from udfs.spec import Attribute, Caption
+
+
+class StudentError(ValueError):
+    """The student cannot label this attribute; the message says why."""
+
+
+class StudentEngine(Engine):
+    def __init__(self, path: str, model_path: str | None = None, batch_size: int = 128,
+                 device: str = "cpu", threads: int | None = None):
+        from quality.distill import Student
+
+        root = Path(path)
+        cards = [root] if root.suffix == ".json" else sorted(root.glob("*.json"))
+        if not cards:
+            raise FileNotFoundError(f"no distilled student (*.json) found at {path}")
+        self.students = {s.attribute: s for s in map(Student.load, cards)}
+        self.path = str(path)
+        self.encoder = EmbeddingEngine(model_path=model_path, batch_size=batch_size,
+                                       device=device, threads=threads)
+        for s in self.students.values():
+            if s.embedding != self.encoder.model_name:
+                raise StudentError(f"student {s.attribute!r} was trained on {s.embedding} "
+                                   f"embeddings, this engine encodes with "
+                                   f"{self.encoder.model_name}")
+        teachers = sorted({s.teacher for s in self.students.values()})
+        self.model_name = f"student:{','.join(sorted(self.students))}:{','.join(teachers)}"
+
+    def _student(self, attribute: Attribute):
+        student = self.students.get(attribute.name)
+        if student is None:
+            raise StudentError(f"no student for attribute {attribute.name!r} at {self.path}; "
+                               f"it was distilled for {sorted(self.students)}")
+        if student.attribute_version != attribute.version:
+            raise StudentError(
+                f"the student for {attribute.name!r} learned attribute version "
+                f"{student.attribute_version}, the spec now has {attribute.version}; "
+                "distill it again from fresh annotations")
+        return student
+
+    def classify(self, texts: Sequence[str], attribute: Attribute) -> Labels:
+        student = self._student(attribute)
+        probs = student.predict_proba(self.encoder.embed(texts))
+        best = probs.argmax(axis=1)
+        return Labels(labels=[student.labels[i] for i in best],
+                      confidences=[float(probs[r, i]) for r, i in enumerate(best)])
+
+    def caption(self, texts: Sequence[str], caption: Caption) -> list[str]:
+        return self.encoder.caption(texts, caption)
+
+    def close(self) -> None:
+        self.encoder.close()
