@@ -17,6 +17,7 @@ import logging
 import sys
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -25,7 +26,7 @@ from pyspark.sql import functions as F
 from pyspark.sql.types import StructType
 
 from udfs import register
-from udfs.engines import DEFAULT_ENGINE
+from udfs.engines import DEFAULT_ENGINE, EngineConfigError, check_config
 from udfs.spec import Spec, SpecError, load_spec
 
 log = logging.getLogger("annofeat.annotate")
@@ -124,10 +125,51 @@ def flatten(df: DataFrame, spec: Spec, id_column: str) -> DataFrame:
     return out.withColumn("error", F.when(F.col("error") != "", F.col("error")))
 
 
+@dataclass(frozen=True)
+class Routing:
+    """Head items go to the main engine, tail items to a cheaper one (e.g. a distilled student).
+
+    Head = popularity >= min_popularity, or the `head_budget` most popular items to annotate.
+    """
+    engine: dict
+    popularity_column: str
+    min_popularity: float | None = None
+    head_budget: int | None = None
+
+    def split(self, todo: DataFrame, id_column: str) -> tuple[DataFrame, DataFrame]:
+        if self.popularity_column not in todo.columns:
+            raise JobError(f"routing needs the popularity column {self.popularity_column!r}; "
+                           f"the input has {todo.columns}")
+        pop = F.coalesce(F.col(self.popularity_column).cast("double"), F.lit(0.0))
+        if self.head_budget is not None:
+            head = todo.orderBy(pop.desc(), F.col(id_column)).limit(self.head_budget)
+            tail = todo.join(head.select(id_column), id_column, "left_anti")
+            return head, tail
+        threshold = self.min_popularity if self.min_popularity is not None else 0.0
+        return todo.where(pop >= threshold), todo.where(pop < threshold)
+
+
+def _annotate_part(spark: SparkSession, spec: Spec, part: DataFrame, engine: dict | None,
+                   query: str, id_column: str, tier: str, fail_on_error: bool,
+                   engine_seconds) -> DataFrame:
+    register(spark, spec, engine=engine, fail_on_error=fail_on_error,
+             engine_seconds=engine_seconds)
+    part.createOrReplaceTempView("items")
+    annotated = spark.sql(query)
+    if id_column not in annotated.columns:
+        raise JobError(f"the query must return the id column {id_column!r}")
+    for col in ("event_timestamp", "content_hash"):
+        if col not in annotated.columns:
+            annotated = annotated.join(part.select(id_column, col), id_column)
+    return (flatten(annotated, spec, id_column)
+            .withColumn("labelled_by", F.lit(tier))
+            .withColumn("created_timestamp", F.current_timestamp()))
+
+
 def run(spark: SparkSession, spec: Spec, items: DataFrame, output: str,
         engine: dict | None = None, sql: str | None = None, id_column: str = "item_id",
         text_columns: list[str] | None = None, full: bool = False,
-        fail_on_error: bool = False) -> dict:
+        fail_on_error: bool = False, routing: Routing | None = None) -> dict:
     """Annotate `items` into the feature table at `output`; returns the closing report."""
     started = time.time()
     text_columns = text_columns or ["title", "description"]
@@ -143,63 +185,70 @@ def run(spark: SparkSession, spec: Spec, items: DataFrame, output: str,
     hashed = items.withColumn("content_hash", F.sha2(F.concat_ws(
         HASH_SEP, *[F.coalesce(F.col(c).cast("string"), F.lit("")) for c in text_columns]), 256))
     rows_in = hashed.count()
+    query = sql or default_query(spec, text_columns)
+    engine_seconds = spark.sparkContext.accumulator(0.0)
 
+    def part(frame: DataFrame, cfg: dict | None, tier: str) -> DataFrame:
+        return _annotate_part(spark, spec, frame, cfg, query, id_column, tier,
+                              fail_on_error, engine_seconds)
+
+    columns = part(hashed.limit(0), engine, "head").columns
     reused = None
     if not full and table_exists(spark, output):
         previous = spark.read.parquet(output)
-        reused = (previous.alias("p")
-                  .join(hashed.select(F.col(id_column).cast("long").alias("item_id"),
-                                      "content_hash", F.col("event_timestamp").alias("_ts")),
-                        ["item_id", "content_hash"])
-                  .where((F.col("spec_version") == spec.version) & F.col("error").isNull())
-                  .withColumn("event_timestamp", F.col("_ts")).drop("_ts"))
-        reused = reused.cache()
-        todo = hashed.join(reused.select(F.col("item_id").alias(id_column)),
-                           id_column, "left_anti")
-    else:
-        todo = hashed
+        if "labelled_by" not in previous.columns:
+            previous = previous.withColumn("labelled_by", F.lit("head"))
+        if set(columns) <= set(previous.columns):  # else the table predates this schema
+            reused = (previous
+                      .join(hashed.select(F.col(id_column).cast("long").alias("item_id"),
+                                          "content_hash", F.col("event_timestamp").alias("_ts")),
+                            ["item_id", "content_hash"])
+                      .where((F.col("spec_version") == spec.version) & F.col("error").isNull())
+                      .withColumn("event_timestamp", F.col("_ts"))
+                      .select(*columns).cache())
+    todo = hashed if reused is None else hashed.join(
+        reused.select(F.col("item_id").alias(id_column)), id_column, "left_anti")
     n_reused = reused.count() if reused is not None else 0
     n_todo = rows_in - n_reused
     log.info("rows in: %d, reused: %d, to annotate: %d", rows_in, n_reused, n_todo)
     print(f"[annotate] {rows_in} rows in, {n_reused} reused, {n_todo} to annotate", flush=True)
 
-    engine_seconds = spark.sparkContext.accumulator(0.0)
-    register(spark, spec, engine=engine, fail_on_error=fail_on_error,
-             engine_seconds=engine_seconds)
-    todo.createOrReplaceTempView("items")
-    query = sql or default_query(spec, text_columns)
-    annotated = spark.sql(query)
-    if id_column not in annotated.columns:
-        raise JobError(f"the query must return the id column {id_column!r}")
-    for col in ("event_timestamp", "content_hash"):
-        if col not in annotated.columns:
-            annotated = annotated.join(todo.select(id_column, col), id_column)
-    fresh = flatten(annotated, spec, id_column).withColumn(
-        "created_timestamp", F.current_timestamp())
-    result = fresh if reused is None else fresh.unionByName(reused.select(*fresh.columns))
-
+    # Each part is its own Spark job, so a worker switches engines at most once.
+    parts = [(todo, engine, "head")]
+    if routing is not None:
+        head, tail = routing.split(todo, id_column)
+        parts = [(head, engine, "head"), (tail, routing.engine, "tail")]
     tmp = output.rstrip("/") + f"._tmp_{uuid.uuid4().hex[:8]}"
     write_started = time.time()
-    result.write.mode("error").parquet(tmp)
+    mode = "error"
+    for frame, cfg, tier in parts:
+        part(frame, cfg, tier).select(*columns).write.mode(mode).parquet(tmp)
+        mode = "append"
     write_seconds = time.time() - write_started
+    if reused is not None:
+        reused.write.mode(mode).parquet(tmp)
     written = spark.read.parquet(tmp)
-    stats = written.agg(F.count("*").alias("n"),
-                        F.sum(F.col("error").isNotNull().cast("int")).alias("errors")).first()
+    stats = written.agg(
+        F.count("*").alias("n"),
+        F.sum(F.col("error").isNotNull().cast("int")).alias("errors"),
+        F.sum((F.col("labelled_by") == "tail").cast("int")).alias("tail"),
+        F.countDistinct("item_id").alias("ids")).first()
+    if stats["n"] != rows_in or stats["ids"] != rows_in:
+        raise JobError(f"wrote {stats['n']} rows ({stats['ids']} distinct ids) for "
+                       f"{rows_in} input rows; the previous table is left in place")
     swap_in(spark, tmp, output)
     if reused is not None:
         reused.unpersist()
-    report = {
+    return {
         "rows_in": rows_in, "rows_annotated": n_todo, "rows_reused": n_reused,
         "rows_written": stats["n"], "rows_with_errors": int(stats["errors"] or 0),
+        "rows_by_tail_engine": int(stats["tail"] or 0),
         "seconds": round(time.time() - started, 2),
         "annotate_seconds": round(write_seconds, 2),
         "engine_seconds": round(engine_seconds.value, 2),
         "rows_per_second": round(n_todo / write_seconds, 1) if n_todo else None,
         "spec_version": spec.version, "output": output,
     }
-    if stats["n"] != rows_in:
-        raise JobError(f"wrote {stats['n']} rows for {rows_in} input rows")
-    return report
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -220,6 +269,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="fail the job if any row gets an error")
     p.add_argument("--master", default=None, help="Spark master when not using spark-submit")
     p.add_argument("--report", default=None, help="also write the closing report JSON here")
+    p.add_argument("--tail-engine", default=None,
+                   help="engine for tail items (e.g. a distilled student); enables routing")
+    p.add_argument("--popularity-column", default="popularity",
+                   help="input column ranking items for head/tail routing")
+    p.add_argument("--head-min-popularity", type=float, default=None,
+                   help="items at or above this popularity go to the main engine")
+    p.add_argument("--head-budget", type=int, default=None,
+                   help="at most this many (most popular) items go to the main engine")
     return p.parse_args(argv)
 
 
@@ -231,14 +288,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         spec = load_spec(args.spec)
         engine = parse_engine(args.engine)
-        from udfs.engines import _BACKENDS
-        if engine.get("type") not in _BACKENDS:
-            raise JobError(f"unknown engine type {engine.get('type')!r}; "
-                           f"choose one of {sorted(_BACKENDS)}")
+        check_config(engine)
         sql = Path(args.sql).read_text() if args.sql else None
+        routing = None
+        if args.tail_engine:
+            if (args.head_min_popularity is None) == (args.head_budget is None):
+                raise JobError("--tail-engine needs exactly one of --head-min-popularity "
+                               "and --head-budget")
+            routing = Routing(parse_engine(args.tail_engine), args.popularity_column,
+                              args.head_min_popularity, args.head_budget)
+            check_config(routing.engine)
         if not Path(args.input).exists() and "://" not in args.input:
             raise JobError(f"input table not found: {args.input}")
-    except (SpecError, JobError, OSError, json.JSONDecodeError) as exc:
+    except (SpecError, JobError, EngineConfigError, OSError, json.JSONDecodeError) as exc:
         print(f"annotate: error: {exc}", file=sys.stderr)
         return 2
     spark = get_spark("annofeat-annotate", args.master, {
@@ -247,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
         report = run(spark, spec, read_table(spark, args.input), args.output, engine=engine,
                      sql=sql, id_column=args.id_column,
                      text_columns=[c.strip() for c in args.text_columns.split(",")],
-                     full=args.full, fail_on_error=args.fail_on_error)
+                     full=args.full, fail_on_error=args.fail_on_error, routing=routing)
     except JobError as exc:
         print(f"annotate: error: {exc}", file=sys.stderr)
         return 2

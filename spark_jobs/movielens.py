@@ -3,7 +3,7 @@
 Item text is the title plus a "Genres: ..." description (MovieLens has no plot text). An
 item's event_timestamp is when it became available to users here: its first rating (items
 nobody rated get the log's last timestamp), so point-in-time joins never see an annotation
-before the item existed.
+before the item existed. `popularity` is the item's number of ratings (for head/tail routing).
 """
 from __future__ import annotations
 
@@ -36,6 +36,8 @@ def load_items(data_dir: Path = DATA_DIR) -> pd.DataFrame:
         "description": genres.map(lambda g: "Genres: " + g.replace("|", ", ") if g else None),
         "genres": genres,
     })
+    items["popularity"] = items["item_id"].map(
+        ratings["item_id"].value_counts()).fillna(0).astype("int64")
     available = items["item_id"].map(first_seen)
     items["event_timestamp"] = available.fillna(ratings["event_timestamp"].max())
     return items

@@ -65,13 +65,13 @@ def test_spark_submit_writes_the_feature_table(first_run, items_small, spec):
 
 def test_rerun_reuses_and_reannotates_only_changes(first_run, job_dir, spark, spec):
     out, _, _ = first_run
-    before = pd.read_parquet(out).set_index("item_id")
+    before = pd.read_parquet(out).set_index("item_id").sort_index()
     items = spark.read.parquet(str(job_dir / "items.parquet"))
 
     report = annotate.run(spark, spec, items, str(out))
     assert report["rows_annotated"] == 1  # only the error row is retried
     assert report["rows_reused"] == len(before) - 1
-    same = pd.read_parquet(out).set_index("item_id")
+    same = pd.read_parquet(out).set_index("item_id").sort_index()
     assert len(same) == len(before) and same.index.is_unique
     ok = before["error"].isna()
     pd.testing.assert_series_equal(same.loc[ok[ok].index, "created_timestamp"],
@@ -84,7 +84,7 @@ def test_rerun_reuses_and_reannotates_only_changes(first_run, job_dir, spark, sp
     report = annotate.run(spark, spec, spark.read.parquet(str(job_dir / "items2.parquet")),
                           str(out))
     assert report["rows_annotated"] == 4 and report["rows_reused"] == len(before) - 4
-    after = pd.read_parquet(out).set_index("item_id")
+    after = pd.read_parquet(out).set_index("item_id").sort_index()
     assert len(after) == len(before) and after.index.is_unique
     moved = after["content_hash"] != before["content_hash"]
     assert set(after.index[moved]) == set(changed.loc[[0, 1, 2], "item_id"])
@@ -103,3 +103,26 @@ def test_bad_inputs_get_clear_errors(job_dir, spark, spec, capsys):
     with pytest.raises(annotate.JobError, match="unique"):
         annotate.run(spark, spec, dupes, str(job_dir / "dupes"))
     assert not (job_dir / "dupes").exists()
+
+
+def test_head_tail_routing(job_dir, spark, spec, items_small):
+    """The most popular items go to the main engine, the rest to the tail engine."""
+    items = spark.read.parquet(str(job_dir / "items.parquet"))
+    tail_engine = {"type": "embedding", "temperature": 0.2}
+    out = str(job_dir / "routed")
+    report = annotate.run(spark, spec, items, out, routing=annotate.Routing(
+        tail_engine, "popularity", head_budget=10))
+    table = pd.read_parquet(out).merge(items_small[["item_id", "popularity"]], on="item_id")
+    assert len(table) == len(items_small) and table["item_id"].is_unique
+    head = table[table["labelled_by"] == "head"]
+    assert len(head) == 10 and report["rows_by_tail_engine"] == len(items_small) - 10
+    assert head["popularity"].min() >= table.loc[table["labelled_by"] == "tail",
+                                                 "popularity"].max()
+    # a different temperature gives different confidences for the same label scores
+    both = table[table["error"].isna()]
+    assert both.groupby("labelled_by")["vibe_confidence"].mean().nunique() == 2
+
+    report = annotate.run(spark, spec, items, out, full=True, routing=annotate.Routing(
+        tail_engine, "popularity", min_popularity=50))
+    table = pd.read_parquet(out).merge(items_small[["item_id", "popularity"]], on="item_id")
+    assert (table["labelled_by"] == "head").tolist() == (table["popularity"] >= 50).tolist()

@@ -51,7 +51,8 @@ def annotate_frame(engine, spec: Spec, attrs: pd.Series, texts: pd.Series) -> pd
         attribute = spec.attributes[name]
         res = annotator.annotate_texts(engine, attribute, texts.loc[idx])
         res.index = idx
-        out.loc[idx, ["label", "confidence", "error"]] = res[["label", "confidence", "error"]]
+        for col in ("label", "confidence", "error"):
+            out.loc[idx, col] = res[col].to_numpy(dtype=out[col].dtype)
         out.loc[idx, "spec_version"] = attribute.version
     return out
 

@@ -29,12 +29,18 @@ class EngineConfigError(ValueError):
     """An engine config that cannot be built; the message says what to fix."""
 
 
-def build_engine(config: dict | None) -> Engine:
-    config = dict(config or DEFAULT_ENGINE)
-    kind = config.pop("type", None)
+def check_config(config: dict | None) -> None:
+    """Fail fast, on the driver, on a config no worker could build."""
+    kind = (config or DEFAULT_ENGINE).get("type")
     if kind not in _BACKENDS:
         raise EngineConfigError(
             f"unknown engine type {kind!r}; choose one of {sorted(_BACKENDS)}")
+
+
+def build_engine(config: dict | None) -> Engine:
+    check_config(config)
+    config = dict(config or DEFAULT_ENGINE)
+    kind = config.pop("type")
     module, cls = _BACKENDS[kind].split(":")
     engine_cls = getattr(importlib.import_module(module), cls)
     try:
@@ -43,4 +49,5 @@ def build_engine(config: dict | None) -> Engine:
         raise EngineConfigError(f"bad options for engine {kind!r}: {exc}") from None
 
 
-__all__ = ["Engine", "Labels", "EngineConfigError", "build_engine", "DEFAULT_ENGINE"]
+__all__ = ["Engine", "Labels", "EngineConfigError", "build_engine", "check_config",
+           "DEFAULT_ENGINE"]

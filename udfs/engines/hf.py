@@ -73,8 +73,8 @@ class TransformersEngine(Engine):
         torch = self._torch
         label_ids = [self.tokenizer(" " + lab, add_special_tokens=False).input_ids
                      for lab in attribute.labels]
-        rows = [(p + l, len(l)) for p in (self._encode(attribute.render(t)) for t in texts)
-                for l in label_ids]
+        prompts = [self._encode(attribute.render(t)) for t in texts]
+        rows = [(prompt + label, len(label)) for prompt in prompts for label in label_ids]
         scores = []
         for start in range(0, len(rows), self.batch_size):
             chunk = rows[start:start + self.batch_size]
@@ -101,10 +101,10 @@ class TransformersEngine(Engine):
 
     def caption(self, texts: Sequence[str], caption: Caption) -> list[str]:
         torch = self._torch
-        out = []
-        for start in range(0, len(texts), self.batch_size):
-            prompts = [self._encode(caption.render(t)) for t in texts[start:start + self.batch_size]]
-            ids, mask = self._left_pad(prompts)
+        out: list[str] = []
+        prompts = [self._encode(caption.render(t)) for t in texts]
+        for start in range(0, len(prompts), self.batch_size):
+            ids, mask = self._left_pad(prompts[start:start + self.batch_size])
             with torch.inference_mode():
                 generated = self.model.generate(
                     input_ids=ids, attention_mask=mask, max_new_tokens=caption.max_tokens,

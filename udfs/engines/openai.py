@@ -16,7 +16,7 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor, wait
-from typing import Callable, Hashable, Sequence
+from typing import Any, Callable, Hashable, Sequence
 
 import httpx
 
@@ -45,7 +45,7 @@ def parse_choice_reply(reply: object, attribute: Attribute) -> tuple[str, float]
     """(label, confidence) from a /completions reply to a constrained choice request."""
     choice = _first_choice(reply)
     label = label_of(choice["text"], attribute)
-    lp = choice.get("logprobs")
+    lp: Any = choice.get("logprobs")
     try:
         tokens = lp["tokens"]
         # The generated token's own logprob is always known; the top-k may omit it.
@@ -116,12 +116,13 @@ class OpenAIEngine(Engine):
             else:
                 todo[key] = self._pool.submit(fn, i)
         wait(todo.values())
-        errors = []
+        errors: list[BaseException] = []
         for key, future in todo.items():
-            if future.exception() is None:
+            exc = future.exception()
+            if exc is None:
                 results[key] = self._cache[key] = future.result()
             else:
-                errors.append(future.exception())
+                errors.append(exc)
         while len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
         if errors:
