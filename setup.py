@@ -7,7 +7,7 @@ setup(
                 "a Great Expectations gate on Feast materialization, and an XGBoost ranker.",
     python_requires=">=3.11",
     packages=find_packages(include=["udfs*", "spark_jobs*", "expectations*", "ranking_service*", "quality*"]),
-    package_data={"expectations": ["*.json"]},
+    package_data={"expectations": ["suites/*.json"]},
     install_requires=[
         "pyspark[connect]==4.3.0",  # connect extras: GE imports pyspark.sql.connect
         "feast==0.67.0",

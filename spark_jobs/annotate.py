@@ -93,6 +93,9 @@ def swap_in(spark: SparkSession, tmp: str, output: str) -> None:
         raise JobError(f"could not move the new table into {output}")
     if old is not None:
         fs.delete(old, True)
+    # Leftovers of runs killed before their swap: one writer per table, so they are stale.
+    for status in fs.globStatus(out.suffix("._tmp_*")) or []:
+        fs.delete(status.getPath(), True)
 
 
 def flatten(df: DataFrame, spec: Spec, id_column: str) -> DataFrame:

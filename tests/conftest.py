@@ -45,3 +45,7 @@ def items_small():
     """The first 60 MovieLens items, as the demo prepares them."""
     from spark_jobs.movielens import load_items
     return load_items().head(60).reset_index(drop=True)
+
+
+from tests.redis_server import redis_server  # noqa: E402,F401  (session fixture)
+from tests.tiny_llm import tiny_llm_dir  # noqa: E402,F401  (session fixture)

@@ -6,11 +6,13 @@
     {"type": "openai", "base_url": "http://host:8000/v1", "model": "name"}
     {"type": "student", "path": "/path/to/student"}          # distilled from a teacher engine
 
-Backends are imported lazily so a worker only imports the libraries its engine needs.
+Backends are imported lazily so a worker only imports the libraries its engine needs. A type
+of the form "package.module:ClassName" loads a custom Engine subclass (a plugin).
 """
 from __future__ import annotations
 
 import importlib
+import os
 
 from udfs.engines.base import Engine, Labels
 
@@ -29,20 +31,45 @@ class EngineConfigError(ValueError):
     """An engine config that cannot be built; the message says what to fix."""
 
 
+# Engines that load a local model directory: the driver checks it exists before any task runs.
+_LOCAL_MODEL_KEY = {"embedding": "model_path", "transformers": "model", "student": "path"}
+
+
+def _engine_path(kind) -> str:
+    path = _BACKENDS.get(kind) or (kind if isinstance(kind, str) and ":" in kind else None)
+    if path is None:
+        raise EngineConfigError(f"unknown engine type {kind!r}; choose one of "
+                                f"{sorted(_BACKENDS)} or give 'package.module:ClassName'")
+    return path
+
+
+def _load(kind) -> type[Engine]:
+    module, cls = _engine_path(kind).split(":")
+    try:
+        engine_cls = getattr(importlib.import_module(module), cls)
+    except (ImportError, AttributeError) as exc:
+        raise EngineConfigError(f"cannot load engine {kind!r}: {exc}") from None
+    if not (isinstance(engine_cls, type) and issubclass(engine_cls, Engine)):
+        raise EngineConfigError(f"engine {kind!r} is not a subclass of udfs.engines.Engine")
+    return engine_cls
+
+
 def check_config(config: dict | None) -> None:
     """Fail fast, on the driver, on a config no worker could build."""
-    kind = (config or DEFAULT_ENGINE).get("type")
-    if kind not in _BACKENDS:
-        raise EngineConfigError(
-            f"unknown engine type {kind!r}; choose one of {sorted(_BACKENDS)}")
+    config = config or DEFAULT_ENGINE
+    kind = config.get("type")
+    if kind in _BACKENDS:  # built-ins import heavy libraries: leave that to the workers
+        key = _LOCAL_MODEL_KEY.get(kind)
+        if key and config.get(key) is not None and not os.path.exists(config[key]):
+            raise EngineConfigError(f"engine {kind!r}: model path not found: {config[key]}")
+    else:
+        _load(kind)
 
 
 def build_engine(config: dict | None) -> Engine:
-    check_config(config)
     config = dict(config or DEFAULT_ENGINE)
-    kind = config.pop("type")
-    module, cls = _BACKENDS[kind].split(":")
-    engine_cls = getattr(importlib.import_module(module), cls)
+    kind = config.pop("type", None)
+    engine_cls = _load(kind)
     try:
         return engine_cls(**config)
     except TypeError as exc:

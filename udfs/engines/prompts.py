@@ -70,6 +70,8 @@ def constrained_probability(tokens: Sequence[str], steps: Sequence[Mapping[str, 
     top log-probabilities {token string: logprob} (the generated token's own logprob must be
     among them). Tokens past the end of `chosen` (end-of-sequence) are ignored.
     """
+    if chosen not in options:
+        raise MalformedOutput(f"answer {chosen!r} is not one of the offered choices {options}")
     if len(tokens) != len(steps):
         raise MalformedOutput(f"{len(tokens)} tokens but {len(steps)} logprob steps")
     prefix, logp = "", 0.0

@@ -1,0 +1,173 @@
+"""GPU pinning on a real Spark standalone cluster on 127.0.0.1.
+
+One Master and one Worker run from the pip pyspark package; the Worker advertises two GPUs
+through a discovery script (no real GPU is needed: Spark only schedules the addresses). An
+application with one core and one GPU per executor gets two executors, and a pandas UDF on
+each calls udfs.worker.pin_gpu(). The driver runs in its own process (this module run with
+-m), because a test session's local SparkContext would otherwise be reused.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pandas as pd
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+GPUS = {"0", "1"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spark_home() -> Path:
+    import pyspark
+    return Path(pyspark.__file__).resolve().parent
+
+
+def wait_for(what: str, check, timeout: float = 90, procs=()) -> object:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for p in procs:
+            if p.poll() is not None:
+                raise RuntimeError(f"{what}: process {p.args[1]} exited with {p.returncode}")
+        try:
+            value = check()
+            if value:
+                return value
+        except (httpx.HTTPError, ValueError):
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"timed out waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """(master URL, discovery script) of a running Master + Worker; killed afterwards."""
+    tmp = tmp_path_factory.mktemp("spark_cluster")
+    script = tmp / "gpus.sh"
+    script.write_text('#!/bin/sh\necho \'{"name": "gpu", "addresses": ["0", "1"]}\'\n')
+    script.chmod(0o755)
+    props = tmp / "worker.properties"
+    props.write_text("spark.worker.resource.gpu.amount 2\n"
+                     f"spark.worker.resource.gpu.discoveryScript {script}\n")
+    home = spark_home()
+    env = {**os.environ, "SPARK_HOME": str(home), "SPARK_LOCAL_IP": "127.0.0.1",
+           "SPARK_DAEMON_MEMORY": "256m", "SPARK_LOG_DIR": str(tmp / "logs"),
+           "PYSPARK_PYTHON": sys.executable}
+    ports = {name: free_port() for name in ("master", "master_ui", "worker", "worker_ui")}
+    procs: list[subprocess.Popen] = []
+
+    def start(name: str, *args: str) -> subprocess.Popen:
+        log = open(tmp / f"{name}.log", "wb")
+        proc = subprocess.Popen([str(home / "bin" / "spark-class"), *args], env=env,
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        procs.append(proc)
+        return proc
+
+    def status() -> dict:
+        return httpx.get(f"http://127.0.0.1:{ports['master_ui']}/json/", timeout=2).json()
+
+    try:
+        master_url = f"spark://127.0.0.1:{ports['master']}"
+        start("master", "org.apache.spark.deploy.master.Master", "--host", "127.0.0.1",
+              "--port", str(ports["master"]), "--webui-port", str(ports["master_ui"]))
+        wait_for("master", lambda: status().get("status") == "ALIVE", procs=procs)
+        start("worker", "org.apache.spark.deploy.worker.Worker", master_url,
+              "--host", "127.0.0.1", "--port", str(ports["worker"]),
+              "--webui-port", str(ports["worker_ui"]), "--cores", "2", "--memory", "2g",
+              "--work-dir", str(tmp / "work"), "--properties-file", str(props))
+        wait_for("worker", lambda: status().get("aliveworkers") == 1, procs=procs)
+        yield master_url, script
+    finally:
+        for proc in procs:  # executors and Python workers are in the Worker's group
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        for proc in procs:
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+def test_each_executor_is_pinned_to_its_own_gpu(cluster, tmp_path):
+    master_url, script = cluster
+    result = subprocess.run(
+        [sys.executable, "-m", "tests.test_gpu_pinning", master_url, str(script)],
+        cwd=ROOT, capture_output=True, text=True, timeout=240,
+        env={**os.environ, "PYSPARK_PYTHON": sys.executable})
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert rows, result.stderr[-3000:]
+
+    by_executor: dict[str, set[str]] = {}
+    for row in rows:
+        by_executor.setdefault(row["executor"], set()).add(row["address"])
+        # pin_gpu exported exactly the address Spark assigned to the task
+        assert row["pinned"] == row["cuda"] == row["address"]
+    assert len(by_executor) == 2, by_executor
+    assert all(len(addresses) == 1 for addresses in by_executor.values()), by_executor
+    assert set().union(*by_executor.values()) == GPUS
+
+
+def probe_gpus(master_url: str, script: str, partitions: int = 8) -> list[dict]:
+    """Driver side: run the pinning probe on every partition and return one row per task."""
+    from pyspark.sql import SparkSession
+    from pyspark.sql.functions import pandas_udf
+
+    conf = {
+        "spark.executor.cores": "1", "spark.cores.max": "2", "spark.executor.memory": "512m",
+        "spark.executor.resource.gpu.amount": "1",
+        "spark.executor.resource.gpu.discoveryScript": script,
+        "spark.task.resource.gpu.amount": "1",
+        "spark.pyspark.python": sys.executable, "spark.python.worker.reuse": "true",
+        "spark.driver.host": "127.0.0.1", "spark.driver.bindAddress": "127.0.0.1",
+        "spark.driver.memory": "512m", "spark.ui.enabled": "false",
+        "spark.sql.session.timeZone": "UTC",
+    }
+    builder = SparkSession.builder.master(master_url).appName("annofeat-gpu-pinning")
+    for key, value in conf.items():
+        builder = builder.config(key, value)
+    spark = builder.getOrCreate()
+    try:
+        jsc = spark.sparkContext._jsc.sc()
+        # executors register asynchronously; both must be up or one would take every task
+        wait_for("two executors", lambda: len(jsc.statusTracker().getExecutorInfos()) >= 3)
+
+        @pandas_udf("string")
+        def probe(ids: pd.Series) -> pd.Series:
+            from pyspark import TaskContext
+
+            from udfs.worker import pin_gpu
+            pinned = pin_gpu()
+            time.sleep(0.5)  # long enough that the scheduler spreads tasks over executors
+            row = json.dumps({
+                # a standalone executor runs in work/<app-id>/<executor-id>/
+                "executor": os.path.basename(os.getcwd()), "pid": os.getpid(),
+                "address": ",".join(TaskContext.get().resources()["gpu"].addresses),
+                "pinned": pinned, "cuda": os.environ.get("CUDA_VISIBLE_DEVICES")})
+            return pd.Series([row] * len(ids))
+
+        df = spark.range(0, partitions, numPartitions=partitions)
+        return [json.loads(r.p) for r in df.select(probe("id").alias("p")).collect()]
+    finally:
+        spark.stop()
+
+
+if __name__ == "__main__":
+    for task_row in probe_gpus(sys.argv[1], sys.argv[2]):
+        print(json.dumps(task_row))
