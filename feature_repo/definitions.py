@@ -6,20 +6,34 @@ Annotation rows are stamped with when the item became available (event_timestamp
 they were annotated (created_timestamp): re-annotation never moves a feature back in time, and
 Feast keeps the newest annotation.
 """
+import os
 from datetime import timedelta
 
 from feast import Entity, FeatureService, FeatureView, Field, FileSource
 from feast.types import Array, Float64, Int64, String
 from feast.value_type import ValueType
 
+# Where the jobs write the tables, and which offline store reads them: the embedded default
+# reads data/ with the file store; production (feature_store.production.yaml) sets
+# ANNOFEAT_OFFLINE_STORE=spark and ANNOFEAT_FEATURE_DATA=s3a://bucket/features (or hdfs://...).
+DATA = os.environ.get("ANNOFEAT_FEATURE_DATA", "data")
+
+
+def parquet_source(name: str, table: str, **kwargs):
+    if os.environ.get("ANNOFEAT_OFFLINE_STORE") == "spark":
+        from feast.infra.offline_stores.contrib.spark_offline_store.spark_source import (
+            SparkSource)
+        return SparkSource(name=name, path=f"{DATA}/{table}", file_format="parquet", **kwargs)
+    return FileSource(name=name, path=f"{DATA}/{table}", **kwargs)
+
+
 item = Entity(name="item", join_keys=["item_id"], value_type=ValueType.INT64,
               description="A catalogue item (a MovieLens movie in the demo).")
 user = Entity(name="user", join_keys=["user_id"], value_type=ValueType.INT64,
               description="A user of the recommender.")
 
-item_annotations_source = FileSource(
-    name="item_annotations_source",
-    path="data/item_annotations",
+item_annotations_source = parquet_source(
+    "item_annotations_source", "item_annotations",
     timestamp_field="event_timestamp",
     created_timestamp_column="created_timestamp",
 )
@@ -52,8 +66,7 @@ item_stats = FeatureView(
         Field(name="item_n_ratings", dtype=Int64),
         Field(name="item_mean_rating", dtype=Float64),
     ],
-    source=FileSource(name="item_stats_source", path="data/item_stats",
-                      timestamp_field="event_timestamp"),
+    source=parquet_source("item_stats_source", "item_stats", timestamp_field="event_timestamp"),
 )
 
 VIBE_LABELS = ["dark", "light_hearted", "romantic", "thrilling", "thoughtful", "whimsical"]
@@ -67,8 +80,7 @@ user_stats = FeatureView(
         Field(name="user_mean_rating", dtype=Float64),
         *[Field(name=f"user_vibe_share_{label}", dtype=Float64) for label in VIBE_LABELS],
     ],
-    source=FileSource(name="user_stats_source", path="data/user_stats",
-                      timestamp_field="event_timestamp"),
+    source=parquet_source("user_stats_source", "user_stats", timestamp_field="event_timestamp"),
 )
 
 ranker = FeatureService(
