@@ -13,8 +13,11 @@ online store untouched.
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 from typing import Literal
+
+import click
 
 from feast.infra.common.materialization_job import MaterializationJob, MaterializationTask
 from feast.infra.compute_engines.local.compute import LocalComputeEngine
@@ -44,7 +47,9 @@ class GatedComputeEngineConfig(FeastConfigBaseModel):
     """The local engine's DataFrame backend (pandas by default)."""
 
 
-class GateRefused(RuntimeError):
+# click.ClickException: the `feast` CLI (a click app) prints "Error: <message>" and exits 1
+# instead of a traceback; Python callers still get an ordinary exception.
+class GateRefused(click.ClickException):
     """Raised before anything is written; the message says which views failed and why."""
 
     def __init__(self, results: list) -> None:
@@ -53,6 +58,10 @@ class GateRefused(RuntimeError):
                  "nothing was written to the online store."]
         lines += [r.summary() for r in results]
         super().__init__("\n".join(lines))
+
+
+class SourceUnreadable(click.ClickException):
+    """A view's offline data cannot be read (e.g. the table was never written)."""
 
 
 class GatedComputeEngine(LocalComputeEngine):
@@ -82,6 +91,8 @@ class GatedComputeEngine(LocalComputeEngine):
         # engine for every `feast apply`, which never validates anything. GE logs at INFO
         # while importing and per context, and the Feast CLI shows INFO: keep it readable.
         logging.getLogger("great_expectations").setLevel(logging.WARNING)
+        warnings.filterwarnings("ignore", category=DeprecationWarning,
+                                module="great_expectations")
         from expectations.gate import Gate
 
         c = self.config
@@ -105,4 +116,11 @@ class GatedComputeEngine(LocalComputeEngine):
             timestamp_field=source.timestamp_field,
             created_timestamp_column=source.created_timestamp_column,
             start_date=task.start_time, end_date=task.end_time)
-        return job.to_df().rename(columns=source.field_mapping or {})
+        try:
+            return job.to_df().rename(columns=source.field_mapping or {})
+        except (FileNotFoundError, OSError) as exc:
+            where = getattr(source, "path", None) or source.name
+            raise SourceUnreadable(
+                f"feature view {view.name!r}: cannot read its source {where!r} "
+                f"({type(exc).__name__}); has the job that writes it run? Nothing was written "
+                "to the online store.") from None

@@ -144,6 +144,7 @@ def test_failing_batch_is_refused_and_the_online_store_untouched(repo, case):
     assert proc.returncode != 0
     assert sha256(db) == before
     assert "refused" in proc.stderr and view in proc.stderr and expectation in proc.stderr
+    assert "Traceback" not in proc.stderr  # a readable error, not a stack dump
     report_path = repo / "data" / "gate" / "reports" / f"{view}.json"
     assert str(report_path) in proc.stderr
     report = json.loads(report_path.read_text())
@@ -155,3 +156,19 @@ def test_failing_batch_is_refused_and_the_online_store_untouched(repo, case):
     # the served features are still the good version's
     served = online(repo, [1, 2, 3], ["item_annotations:vibe_label"])
     assert served["vibe_label"] == good.set_index("item_id").loc[[1, 2, 3], "vibe_label"].tolist()
+
+
+def test_missing_table_is_one_clear_error(tmp_path):
+    """A repo whose view points at a table no job has written: exit 1, one message."""
+    repo = make_repo(tmp_path)
+    write_tables(repo, annotation_frame(seed=0))
+    assert feast(repo, "apply").returncode == 0
+    shutil.rmtree(repo / "data" / "item_stats")
+    proc = feast(repo, "materialize", *WINDOW)
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    assert "feature view 'item_stats': cannot read its source 'data/item_stats'" in proc.stderr
+    store = FeatureStore(repo_path=str(repo))
+    served = store.get_online_features(features=["item_annotations:vibe_label"],
+                                       entity_rows=[{"item_id": 1}]).to_dict()
+    assert served["vibe_label"] == [None]  # nothing was written

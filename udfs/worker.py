@@ -21,7 +21,7 @@ _engine_key: str | None = None
 _CUDA_MODULES = ("torch.cuda", "vllm", "cupy")
 # CPU engines that take a `threads` option: sized to the task's cores, so N concurrent
 # workers do not each start one thread per machine core and oversubscribe the CPU.
-_CPU_THREADED = {"embedding", "transformers"}
+_CPU_THREADED = {"embedding", "transformers", "student"}
 
 
 def task_gpu_addresses() -> list[str]:

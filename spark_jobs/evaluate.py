@@ -1,0 +1,266 @@
+"""Score an attribute's annotations against human labels.
+
+    python -m spark_jobs.evaluate --spec specs/movielens_genre.yaml --attribute genre \
+        --annotations T --truth truth.csv --out artifacts/quality/genre
+    python -m spark_jobs.evaluate ... --items items.parquet --engine embedding --truth ...
+    python -m spark_jobs.evaluate ... --movielens [--limit N] [--engine CONFIG]
+
+Predictions come from an annotation table (item_id, <attr>_label, <attr>_confidence, and an
+optional error column), or are made first by any engine through udfs.annotator, the code path
+the annotate job's UDFs use. Human truth is a table of item ids with "|"-separated labels;
+--label-map folds human labels onto spec labels. --movielens uses the shipped MovieLens data:
+text = title plus user tags (never the genres), truth = the genres. Writes metrics.json,
+confusion_matrix.json/.png and reliability.png (plus annotations.parquet and items.parquet
+when it annotated), and prints the headline numbers.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from quality.metrics import score_against_truth
+from udfs.spec import Attribute, SpecError, load_spec
+
+DATA_DIR = Path(__file__).resolve().parent.parent / "data" / "movielens"
+# MovieLens genres without a label of their own in specs/movielens_genre.yaml (IMAX: ignored)
+MOVIELENS_LABEL_MAP = {"Adventure": "Action", "Children": "Animation",
+                       "Mystery": "Crime", "Film-Noir": "Crime"}
+MAX_TAGS = 10
+
+
+class EvaluateError(ValueError):
+    """Inputs that cannot be scored; the message says what to fix."""
+
+
+def read_table(path: str) -> pd.DataFrame:
+    if not Path(path).exists():
+        raise EvaluateError(f"table not found: {path}")
+    return pd.read_csv(path) if path.endswith(".csv") else pd.read_parquet(path)
+
+
+def movielens_genre_items(data_dir: Path = DATA_DIR, limit: int | None = None) -> pd.DataFrame:
+    """item_id, title, tags ("Tags: a, b" or None) and the human genres, per movie."""
+    movies = pd.read_csv(data_dir / "movies.csv")
+    if limit:
+        movies = movies.head(limit)
+    tags = pd.read_csv(data_dir / "tags.csv")
+    tags["tag"] = tags["tag"].astype(str).str.strip().str.lower()
+    # the most applied tags first, at most MAX_TAGS: a few movies carry hundreds
+    counts = tags.groupby(["movieId", "tag"]).size().rename("n").reset_index()
+    counts = counts.sort_values(["movieId", "n", "tag"], ascending=[True, False, True])
+    joined = (counts.groupby("movieId").head(MAX_TAGS).groupby("movieId")["tag"]
+              .agg(lambda t: "Tags: " + ", ".join(t)))
+    return pd.DataFrame({
+        "item_id": movies["movieId"].astype("int64"),
+        "title": movies["title"],
+        "tags": movies["movieId"].map(joined).astype(object).where(
+            movies["movieId"].isin(joined.index), None),
+        "genres": movies["genres"],
+    })
+
+
+def parse_label_map(value: str | None) -> dict[str, str]:
+    """'Human=Spec,Other=Spec' -> mapping."""
+    pairs = [p.split("=", 1) for p in (value or "").split(",") if p.strip()]
+    if any(len(p) != 2 for p in pairs):
+        raise EvaluateError(f"--label-map must look like 'Human=Spec,Other=Spec', got {value!r}")
+    return {h.strip(): s.strip() for h, s in pairs}
+
+
+def truth_sets(human: pd.Series, labels: tuple[str, ...],
+               label_map: dict[str, str]) -> pd.Series:
+    """Each item's human labels ("|"-separated), mapped onto the spec's labels."""
+    bad = sorted(set(label_map.values()) - set(labels))
+    if bad:
+        raise EvaluateError(f"--label-map targets {bad}, which are not labels of the attribute")
+
+    def one(value) -> frozenset:
+        if not isinstance(value, str):
+            return frozenset()
+        mapped = (label_map.get(h.strip(), h.strip()) for h in value.split("|"))
+        return frozenset(m for m in mapped if m in labels)
+    return human.map(one)
+
+
+def annotate(items: pd.DataFrame, attribute: Attribute, engine_config: dict,
+             text_columns: list[str]) -> tuple[pd.DataFrame, dict]:
+    """Annotation columns for `items` through udfs.annotator, plus timing."""
+    from udfs.annotator import annotate_texts, clean_columns
+    from udfs.engines import build_engine
+
+    missing = [c for c in ["item_id", *text_columns] if c not in items.columns]
+    if missing:
+        raise EvaluateError(f"items lack columns {missing}; they have {list(items.columns)}")
+    engine = build_engine(engine_config)
+    try:
+        texts = clean_columns([items[c] for c in text_columns])
+        started = time.perf_counter()
+        out = annotate_texts(engine, attribute, texts)
+        seconds = time.perf_counter() - started
+    finally:
+        engine.close()
+    name = attribute.name
+    table = pd.DataFrame({"item_id": items["item_id"].to_numpy(),
+                          f"{name}_label": out["label"], f"{name}_confidence": out["confidence"],
+                          "model": engine.model_name, "error": out["error"]})
+    return table, {"model": engine.model_name, "rows": len(items),
+                   "seconds": round(seconds, 2), "rows_per_second": round(len(items) / seconds, 1)}
+
+
+def evaluate(annotations: pd.DataFrame, truth: pd.DataFrame, attribute: Attribute,
+             label_map: dict[str, str], truth_column: str = "labels") -> dict:
+    """Join annotations to truth on item_id and score them."""
+    label_col, conf_col = f"{attribute.name}_label", f"{attribute.name}_confidence"
+    missing = [c for c in ("item_id", label_col, conf_col) if c not in annotations.columns]
+    if missing:
+        raise EvaluateError(f"annotations lack columns {missing}")
+    if truth_column not in truth.columns or "item_id" not in truth.columns:
+        raise EvaluateError(f"truth needs columns item_id and {truth_column!r}")
+    ok = annotations[label_col].notna()
+    if "error" in annotations.columns:
+        ok &= annotations["error"].isna()
+    rows = annotations[ok].merge(truth[["item_id", truth_column]], on="item_id", how="inner")
+    if rows.empty:
+        raise EvaluateError("no annotated item without error has a human label")
+    result = score_against_truth(rows[label_col].tolist(), rows[conf_col].to_numpy(float),
+                                 truth_sets(rows[truth_column], attribute.labels, label_map)
+                                 .tolist(), attribute.labels)
+    result["annotations"] = int(len(annotations))
+    result["annotation_errors"] = int((~ok).sum())
+    result["items_without_human_row"] = int(ok.sum() - len(rows))
+    return result
+
+
+def plot_confusion(cm: np.ndarray, labels: list[str], path: Path, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rates = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
+    fig, ax = plt.subplots(figsize=(1 + 0.6 * len(labels), 0.6 * len(labels)))
+    im = ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
+    for i in range(len(labels)):
+        for j in range(len(labels)):
+            if cm[i, j]:
+                ax.text(j, i, int(cm[i, j]), ha="center", va="center", fontsize=7,
+                        color="white" if rates[i, j] > 0.5 else "black")
+    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("human (single-label items)")
+    ax.set_title(title)
+    fig.colorbar(im, ax=ax, label="share of the human label's items")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_reliability(curves: dict[str, dict], path: Path, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.plot([0, 1], [0, 1], color="grey", linestyle="--", label="perfect calibration")
+    for name, table in curves.items():
+        used = np.asarray(table["count"]) > 0
+        ax.plot(np.asarray(table["confidence"])[used], np.asarray(table["accuracy"])[used],
+                marker="o", label=name)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("mean confidence in bin")
+    ax.set_ylabel("share correct in bin")
+    ax.set_title(title)
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_outputs(result: dict, out: Path, attribute: str) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(result, indent=2))
+    cm = result["strict"]["confusion_matrix"]
+    (out / "confusion_matrix.json").write_text(json.dumps(cm, indent=2))
+    plot_confusion(np.asarray(cm["counts"]), cm["labels"], out / "confusion_matrix.png",
+                   f"{attribute}: confusion on single-label items")
+    plot_reliability({f"strict (ECE {result['strict']['ece']:.3f})":
+                      result["strict"]["reliability"],
+                      f"hit (ECE {result['hit']['ece']:.3f})": result["hit"]["reliability"]},
+                     out / "reliability.png", f"{attribute}: reliability of the confidence")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="evaluate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--spec", required=True)
+    p.add_argument("--attribute", required=True)
+    p.add_argument("--out", required=True, help="output directory")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--annotations", help="table with item_id, <attr>_label, <attr>_confidence")
+    src.add_argument("--items", help="item table to annotate first (item_id + text columns)")
+    src.add_argument("--movielens", action="store_true",
+                     help="annotate the shipped MovieLens items (title + tags); truth = genres")
+    p.add_argument("--engine", default=None,
+                   help="engine type, inline JSON or YAML/JSON file (default: embedding)")
+    p.add_argument("--text-columns", default="title,description")
+    p.add_argument("--limit", type=int, default=None, help="--movielens: first N movies only")
+    p.add_argument("--truth", help="table with item_id and human labels (csv or parquet)")
+    p.add_argument("--truth-column", default="labels", help='"|"-separated human labels')
+    p.add_argument("--label-map", default=None, help="fold human labels: 'Human=Spec,...'")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from spark_jobs.annotate import parse_engine
+
+    args = parse_args(argv)
+    out = Path(args.out)
+    try:
+        attribute = load_spec(args.spec).attribute(args.attribute)
+        label_map = parse_label_map(args.label_map)
+        run_info = None
+        if args.movielens:
+            items = movielens_genre_items(limit=args.limit)
+            truth = pd.DataFrame({"item_id": items["item_id"], "labels": items["genres"]})
+            truth_column, label_map = "labels", {**MOVIELENS_LABEL_MAP, **label_map}
+            text_columns = ["title", "tags"]
+        else:
+            if not args.truth:
+                raise EvaluateError("--truth is required unless --movielens")
+            truth, truth_column = read_table(args.truth), args.truth_column
+            text_columns = [c.strip() for c in args.text_columns.split(",")]
+        if args.annotations:
+            annotations = read_table(args.annotations)
+        else:
+            items = items if args.movielens else read_table(args.items)
+            annotations, run_info = annotate(items, attribute, parse_engine(args.engine),
+                                             text_columns)
+            out.mkdir(parents=True, exist_ok=True)
+            annotations.to_parquet(out / "annotations.parquet", index=False)
+            items.to_parquet(out / "items.parquet", index=False)
+        result = evaluate(annotations, truth, attribute, label_map, truth_column)
+    except (SpecError, EvaluateError, OSError, json.JSONDecodeError) as exc:
+        print(f"evaluate: error: {exc}", file=sys.stderr)
+        return 2
+    result["attribute"] = attribute.name
+    result["attribute_version"] = attribute.version
+    result["label_map"] = label_map
+    if run_info:
+        result["annotation_run"] = run_info
+    write_outputs(result, out, attribute.name)
+    s, h = result["strict"], result["hit"]
+    print(f"[evaluate] {attribute.name}: strict n={s['n']} accuracy={s['accuracy']:.3f} "
+          f"macro_f1={s['macro_f1']:.3f} kappa={s['kappa']:.3f} ece={s['ece']:.3f} "
+          f"(majority baseline {s['majority_baseline']:.3f}); "
+          f"hit n={h['n']} hit_rate={h['hit_rate']:.3f}; wrote {out}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
