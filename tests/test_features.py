@@ -1,0 +1,187 @@
+"""Point-in-time stats (spark_jobs.build_features), the model matrix (ranking_service.features)
+and the saved model format (ranking_service.model). Pure: no Spark, no Feast."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import xgboost as xgb
+
+from ranking_service import model as ranker_model
+from ranking_service.features import VARIANTS, FeatureSet, share_column
+from spark_jobs.build_features import item_stats, latest_labels, read_ratings, user_stats
+from udfs.spec import load_spec
+from udfs.tokens import caption_tokens
+
+ROOT = Path(__file__).resolve().parent.parent
+SPEC = load_spec(ROOT / "specs" / "movielens.yaml")
+VIBES = SPEC.attributes["vibe"].labels
+
+
+@pytest.fixture(scope="module")
+def ratings() -> pd.DataFrame:
+    r = read_ratings(ROOT / "data" / "movielens" / "ratings.csv")
+    return r[r["user_id"] <= 40].reset_index(drop=True)
+
+
+@pytest.fixture(scope="module")
+def labels(ratings) -> pd.Series:
+    """A label per item (some items failed: None), from two annotation versions."""
+    items = np.sort(ratings["item_id"].unique())
+    old = pd.DataFrame({"item_id": items, "created_timestamp": pd.Timestamp("2020-01-01", tz="UTC"),
+                        "vibe_label": "dark"})
+    new = old.assign(created_timestamp=pd.Timestamp("2021-01-01", tz="UTC"),
+                     vibe_label=[VIBES[i % len(VIBES)] if i % 7 else None
+                                 for i in range(len(items))])
+    return latest_labels(pd.concat([new, old]), "vibe")
+
+
+def as_of(stats: pd.DataFrame, key: str, ratings: pd.DataFrame) -> pd.DataFrame:
+    """What Feast's as-of join gives each interaction: the newest row stamped <= its time."""
+    left = ratings.assign(event_timestamp=pd.to_datetime(ratings["ts"], unit="s", utc=True))
+    return pd.merge_asof(left.sort_values("event_timestamp"),
+                         stats.sort_values("event_timestamp"),
+                         on="event_timestamp", by=key, direction="backward")
+
+
+def test_latest_labels_prefer_the_newest_annotation(labels):
+    assert (labels.dropna() != "dark").any() and labels.isna().any()
+
+
+def test_item_stats_never_include_the_interaction_itself(ratings):
+    joined = as_of(item_stats(ratings), "item_id", ratings)
+    assert joined["item_n_ratings"].notna().all()  # every interaction finds a row
+    for item in joined["item_id"].drop_duplicates().head(25):  # brute force
+        mine = ratings[ratings["item_id"] == item]
+        for _, row in joined[joined["item_id"] == item].iterrows():
+            before = mine[mine["ts"] < row["ts"]]
+            assert row["item_n_ratings"] == len(before)
+            if len(before):
+                assert row["item_mean_rating"] == pytest.approx(before["rating"].mean())
+            else:
+                assert np.isnan(row["item_mean_rating"])
+
+
+def test_user_stats_match_a_brute_force_computation(ratings, labels):
+    stats = user_stats(ratings, labels, "vibe", VIBES)
+    joined = as_of(stats, "user_id", ratings)
+    # the whole table: an interaction's count is the number of the user's strictly earlier
+    # ratings, i.e. its minimum rank among the user's timestamps, minus one
+    earlier = joined.groupby("user_id")["ts"].rank(method="min") - 1
+    assert (joined["user_n_ratings"] == earlier).all()
+    for user in (1, 7, 23):  # every feature, for a few users
+        mine = ratings[ratings["user_id"] == user]
+        for _, row in joined[joined["user_id"] == user].iterrows():
+            before = mine[mine["ts"] < row["ts"]]
+            if not len(before):
+                assert row["user_n_ratings"] == 0 and np.isnan(row["user_mean_rating"])
+                continue
+            assert row["user_mean_rating"] == pytest.approx(before["rating"].mean())
+            item_labels = before["item_id"].map(labels)
+            for lab in VIBES:  # unlabelled items count in the denominator only
+                assert row[share_column("vibe", lab)] == pytest.approx(
+                    (item_labels == lab).sum() / len(before))
+
+
+def test_stats_tables_have_the_feature_view_schema(ratings, labels):
+    items, users = item_stats(ratings), user_stats(ratings, labels, "vibe", VIBES)
+    assert list(items.columns) == ["item_id", "event_timestamp", "item_n_ratings",
+                                   "item_mean_rating"]
+    assert list(users.columns) == ["user_id", "event_timestamp", "user_n_ratings",
+                                   "user_mean_rating",
+                                   *[f"user_vibe_share_{v.replace('-', '_')}" for v in VIBES]]
+    for df in (items, users):
+        assert str(df["event_timestamp"].dtype) == "datetime64[ns, UTC]"
+        assert df.iloc[:, 2].dtype == np.int64
+        assert not df.duplicated(subset=list(df.columns[:2])).any()
+
+
+def feature_rows(n: int = 6) -> pd.DataFrame:
+    """Raw feature rows as Feast returns them (nulls included)."""
+    rows = pd.DataFrame({
+        "item_n_ratings": [3, None, 5, 0, 8, 1][:n], "item_mean_rating": [4.0, None, 3.5, None, 2.0, 5.0][:n],
+        "user_n_ratings": [10] * n, "user_mean_rating": [3.9] * n,
+        "vibe_label": ["romantic", None, "light-hearted", "not-a-label", "dark", "whimsical"][:n],
+        "vibe_confidence": [0.9, None, 0.5, 0.4, 0.7, 0.6][:n],
+        "audience_label": ["kids", "adults", None, "teens", "kids", "adults"][:n],
+        "audience_confidence": [0.8, 0.3, None, 0.5, 0.6, 0.7][:n],
+        "caption_tokens": [caption_tokens("dark crime noir"), None, [], np.array([5, 5]),
+                           caption_tokens("comedy"), caption_tokens("family fun")][:n],
+    })
+    for i, lab in enumerate(VIBES):
+        rows[share_column("vibe", lab)] = (i + 1) / 100
+    return rows
+
+
+def test_matrix_uses_the_spec_categories_and_crosses_user_shares():
+    fs = FeatureSet.from_spec(SPEC, n_buckets=8)
+    rows = feature_rows()
+    m = fs.matrix(rows)
+    assert list(m.columns) == fs.columns
+    assert list(m["vibe_label"].cat.categories) == list(VIBES)
+    # an unexpected label is missing, not a new category
+    assert m["vibe_label"].isna().tolist() == [False, True, False, True, False, False]
+    # the cross feature is the user's share for this item's label
+    expected = [share_column("vibe", lab) if lab in VIBES else None for lab in rows["vibe_label"]]
+    for got, col in zip(m["user_share_vibe"], expected):
+        assert np.isnan(got) if col is None else got == rows[col].iloc[0]
+    # no caption is missing; an empty caption is zero counts
+    buckets = m[[c for c in m.columns if c.startswith("caption_bucket_")]].to_numpy()
+    assert np.isnan(buckets[1]).all() and (buckets[2] == 0).all()
+    assert buckets[0].sum() == 3 and buckets[3].sum() == 2
+    # a row's features do not depend on the other rows in the batch (serving scores subsets)
+    pd.testing.assert_frame_equal(fs.matrix(rows.iloc[[4, 0]]), m.iloc[[4, 0]])
+
+
+def test_variants_nest_and_need_only_their_refs():
+    full = FeatureSet.from_spec(SPEC)
+    sets = [full.with_variant(v) for v in VARIANTS]
+    for smaller, larger in zip(sets, sets[1:]):
+        assert larger.columns[:len(smaller.columns)] == smaller.columns
+        assert set(smaller.item_refs()) < set(larger.item_refs()) or \
+            set(smaller.user_refs()) < set(larger.user_refs())
+    baseline = sets[0]
+    rows = feature_rows()[["item_n_ratings", "item_mean_rating", "user_n_ratings",
+                           "user_mean_rating"]]
+    assert list(baseline.matrix(rows).columns) == baseline.columns
+    with pytest.raises(KeyError, match="caption_tokens"):
+        full.matrix(feature_rows().drop(columns="caption_tokens"))
+    assert FeatureSet.from_dict(full.to_dict()) == full
+
+
+def test_feature_set_rejects_bad_settings():
+    with pytest.raises(ValueError, match="variant"):
+        FeatureSet.from_spec(SPEC, variant="everything")
+    with pytest.raises(ValueError, match="share attribute"):
+        FeatureSet.from_spec(SPEC, share_attribute="mood")
+
+
+def _tiny_model(fs: FeatureSet) -> tuple[xgb.Booster, pd.DataFrame]:
+    rows = pd.concat([feature_rows()] * 5, ignore_index=True)
+    rng = np.random.default_rng(0)
+    rows["item_mean_rating"] = rng.uniform(1, 5, len(rows))
+    m = fs.matrix(rows)
+    ranker = xgb.XGBRanker(n_estimators=5, enable_categorical=True, tree_method="hist")
+    ranker.fit(m, rng.integers(0, 4, len(rows)), qid=np.repeat(np.arange(5), 6))
+    return ranker.get_booster(), m
+
+
+def test_model_round_trip_and_mismatch_is_refused(tmp_path):
+    fs = FeatureSet.from_spec(SPEC, n_buckets=4)
+    booster, m = _tiny_model(fs)
+    ranker_model.save(tmp_path / "m", booster, fs, {"name": "tiny"})
+    loaded = ranker_model.load(tmp_path / "m")
+    assert loaded.features == fs and loaded.name == "tiny"
+    np.testing.assert_allclose(loaded.predict(m), booster.predict(
+        xgb.DMatrix(m, enable_categorical=True)), rtol=1e-6)
+    meta_path = tmp_path / "m" / "ranker.json"
+    saved = json.loads(meta_path.read_text())
+    saved["features"]["n_buckets"] = 6  # features.py would now build two more columns
+    meta_path.write_text(json.dumps(saved))
+    with pytest.raises(ranker_model.ModelError, match="features.py builds"):
+        ranker_model.load(tmp_path / "m")
+    with pytest.raises(ranker_model.ModelError, match="not a ranker directory"):
+        ranker_model.load(tmp_path / "nowhere")

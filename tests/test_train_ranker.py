@@ -1,0 +1,182 @@
+"""The ranker's training job on a small real Feast repo: point-in-time historical features,
+the three-variant ablation, and the saved model.
+
+The repo is a temp copy of feature_repo/ with 40 MovieLens users, the build_features
+tables and a synthetic item_annotations table; `feast apply` runs through the real CLI.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import shutil
+import subprocess
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from ranking_service import model as ranker_model
+from ranking_service.features import FeatureSet
+from spark_jobs import build_features, train_ranker
+from udfs.spec import load_spec
+from udfs.tokens import caption_tokens
+
+ROOT = Path(__file__).resolve().parent.parent
+SPEC_PATH = ROOT / "specs" / "movielens.yaml"
+RATINGS = ROOT / "data" / "movielens" / "ratings.csv"
+N_USERS = 40
+RELABELLED = 1  # Toy Story: annotated twice, the first time with an engine error
+_built: dict[str, Path] = {}
+
+
+def _annotations(ratings: pd.DataFrame) -> pd.DataFrame:
+    """One annotation per rated item, available from its first rating (as the demo's
+    annotate job stamps them); vibe follows the first genre, the caption is the genres."""
+    spec = load_spec(SPEC_PATH)
+    vibes, audiences = spec.attributes["vibe"].labels, spec.attributes["audience"].labels
+    genre_vibe = {"Horror": "dark", "Crime": "dark", "Comedy": "light-hearted",
+                  "Romance": "romantic", "Action": "thrilling", "Thriller": "thrilling",
+                  "Drama": "thoughtful", "Animation": "whimsical", "Children": "whimsical"}
+    movies = pd.read_csv(ROOT / "data" / "movielens" / "movies.csv").set_index("movieId")
+    first = ratings.groupby("item_id")["ts"].min()
+    genres = movies.loc[first.index, "genres"].str.split("|")
+    rng = np.random.default_rng(1)
+    vibe = [next((genre_vibe[g] for g in gs if g in genre_vibe), vibes[i % len(vibes)])
+            for i, gs in enumerate(genres)]
+    captions = [" ".join(gs).lower() for gs in genres]
+    n = len(first)
+    return pd.DataFrame({
+        "item_id": first.index.astype("int64"),
+        "event_timestamp": pd.to_datetime(first.to_numpy(), unit="s", utc=True),
+        "created_timestamp": pd.Timestamp("2024-01-01", tz="UTC"),
+        "vibe_label": vibe, "vibe_confidence": rng.uniform(0.2, 1, n),
+        "audience_label": [audiences[i % 3] for i in range(n)],
+        "audience_confidence": rng.uniform(0.3, 1, n),
+        "caption": captions, "caption_tokens": [caption_tokens(c) for c in captions],
+        "model": "test:genre-rules", "spec_version": spec.version,
+        "content_hash": [f"h{i}" for i in first.index], "error": None,
+    })
+
+
+def _store_yaml(src: Path) -> dict:
+    """The repo's feature_store.yaml for a copy elsewhere: the batch engine's paths out of
+    the repo made absolute, or the engine dropped if its module does not import."""
+    config = yaml.safe_load(src.read_text())
+    engine = config.get("batch_engine")
+    if isinstance(engine, dict) and "." in str(engine.get("type", "")):
+        try:
+            importlib.import_module(engine["type"].rsplit(".", 1)[0])
+        except ImportError:
+            config.pop("batch_engine")
+        else:
+            for key, value in engine.items():
+                if isinstance(value, str) and value.startswith("../"):
+                    engine[key] = str((src.parent / value).resolve())
+    return config
+
+
+def _relabel_midway(ann: pd.DataFrame, ratings: pd.DataFrame) -> pd.DataFrame:
+    """Item RELABELLED: its first annotation failed (null labels, error set); a second
+    one, available from the middle of its interactions, labels it."""
+    ts = np.sort(ratings.loc[ratings["item_id"] == RELABELLED, "ts"].unique())
+    midway = pd.Timestamp(int(ts[len(ts) // 2]), unit="s", tz="UTC")
+    first = ann["item_id"] == RELABELLED
+    failed = ann[first].assign(vibe_label=None, vibe_confidence=np.nan, audience_label=None,
+                               audience_confidence=np.nan, caption=None, caption_tokens=None,
+                               error="engine: timeout")
+    fixed = ann[first].assign(event_timestamp=midway, vibe_label="whimsical",
+                              created_timestamp=pd.Timestamp("2024-02-01", tz="UTC"))
+    return pd.concat([ann[~first], failed, fixed], ignore_index=True)
+
+
+def build_repo(root: Path) -> Path:
+    """A materialized small Feast repo and a model trained on it (built once per session)."""
+    if "repo" in _built:
+        return _built["repo"]
+    repo, data = root / "feature_repo", root / "feature_repo" / "data"
+    data.mkdir(parents=True)
+    shutil.copy(ROOT / "feature_repo" / "definitions.py", repo)
+    (repo / "feature_store.yaml").write_text(
+        yaml.safe_dump(_store_yaml(ROOT / "feature_repo" / "feature_store.yaml")))
+    raw = pd.read_csv(RATINGS)
+    raw = raw[raw["userId"] <= N_USERS]
+    raw.to_csv(root / "ratings.csv", index=False)
+    ratings = build_features.read_ratings(root / "ratings.csv")
+    ann = _relabel_midway(_annotations(ratings), ratings)
+    (data / "item_annotations").mkdir()
+    ann.astype({"error": "string"}).to_parquet(data / "item_annotations" / "part-0.parquet",
+                                              index=False)
+    assert build_features.main(["--ratings", str(root / "ratings.csv"), "--annotations",
+                                str(data / "item_annotations"), "--out", str(data),
+                                "--spec", str(SPEC_PATH)]) == 0
+    feast = Path(sys.executable).parent / "feast"
+    subprocess.run([str(feast), "apply"], cwd=repo, check=True, capture_output=True)
+    from feast import FeatureStore
+    FeatureStore(repo_path=str(repo)).materialize(
+        datetime(1990, 1, 1, tzinfo=timezone.utc), datetime.now(timezone.utc))
+    assert train_ranker.main(["--repo", str(repo), "--ratings", str(root / "ratings.csv"),
+                              "--spec", str(SPEC_PATH), "--out", str(root / "ranker"),
+                              "--n-buckets", "16", "--bootstrap", "200", "--max-users", "0"]) == 0
+    _built.update(repo=repo, model=root / "ranker", ratings=root / "ratings.csv")
+    return repo
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory) -> dict[str, Path]:
+    build_repo(tmp_path_factory.mktemp("ranker"))
+    return _built
+
+
+def test_training_writes_model_ablation_and_plot(trained):
+    out = trained["model"]
+    report = json.loads((out / "ablation.json").read_text())
+    assert list(report["variants"]) == ["baseline", "attributes", "captions"]
+    sizes = [v["n_features"] for v in report["variants"].values()]
+    assert sizes == sorted(sizes) and len(set(sizes)) == 3
+    for v in report["variants"].values():
+        lo, hi = v["ndcg@10"]["ci95"]
+        assert 0 <= lo <= v["ndcg@10"]["mean"] <= hi <= 1
+        assert 0 <= v["auc_liked"]["mean"] <= 1
+    assert "ndcg@10_vs_baseline" in report["variants"]["captions"]
+    n = len(pd.read_csv(trained["ratings"]))
+    # every interaction came back from Feast and landed on one side of the time split
+    assert report["train_interactions"] + report["test_interactions"] == n
+    assert report["test_interactions"] == pytest.approx(0.2 * n, rel=0.1)
+    assert (out / "ablation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    ranker = ranker_model.load(out)
+    assert ranker.features.variant == "captions" and ranker.features.n_buckets == 16
+    assert ranker.meta["spec_version"] == load_spec(SPEC_PATH).version
+    assert ranker.meta["variants"] == report["variants"]
+
+
+def test_historical_features_are_as_of_each_interaction(trained):
+    from feast import FeatureStore
+    ratings = build_features.read_ratings(trained["ratings"])
+    entity = train_ranker.interactions(trained["ratings"])
+    entity = entity[(entity["user_id"] <= 12) | (entity["item_id"] == RELABELLED)]
+    fs = FeatureSet.from_spec(load_spec(SPEC_PATH), n_buckets=16)
+    rows = train_ranker.historical_features(FeatureStore(repo_path=str(trained["repo"])),
+                                            entity, fs)
+    assert len(rows) == len(entity)  # no interaction dropped by the join
+    ts = rows["event_timestamp"].astype("int64") // 10**9
+    # stats: strictly earlier interactions only, brute force per row
+    for row, t in zip(rows.itertuples(), ts):
+        assert row.item_n_ratings == ((ratings["item_id"] == row.item_id) & (ratings["ts"] < t)).sum()
+        assert row.user_n_ratings == ((ratings["user_id"] == row.user_id) & (ratings["ts"] < t)).sum()
+    # annotations: the failed version (null label) before the fix was available, then the fix
+    all_rel = rows[rows["item_id"] == RELABELLED]
+    ann = pd.read_parquet(trained["repo"] / "data" / "item_annotations")
+    fixed_at = ann.loc[(ann["item_id"] == RELABELLED) & ann["vibe_label"].notna(),
+                       "event_timestamp"].iloc[0]
+    before = all_rel[all_rel["event_timestamp"] < fixed_at]
+    after = all_rel[all_rel["event_timestamp"] >= fixed_at]
+    assert len(before) and len(after)
+    assert before["vibe_label"].isna().all() and before["caption_tokens"].isna().all()
+    assert (after["vibe_label"] == "whimsical").all()
+    m = fs.matrix(all_rel)
+    assert m.loc[before.index, "vibe_label"].isna().all()
+    assert np.isnan(m.loc[before.index, "caption_bucket_00"]).all()
