@@ -38,11 +38,8 @@ class JobError(RuntimeError):
 
 
 def default_query(spec: Spec, text_columns: list[str]) -> str:
-    texts = ", ".join(text_columns)
-    parts = [f"annotate('{name}', {texts}) AS {name}" for name in spec.attributes]
-    if spec.caption is not None:
-        parts.append(f"caption({texts}) AS caption")
-    return "SELECT *, " + ", ".join(parts) + " FROM items"
+    # annotate_all: one UDF call, so one Python worker and one engine per task
+    return f"SELECT *, annotate_all({', '.join(text_columns)}) AS annotations FROM items"
 
 
 def parse_engine(value: str | None) -> dict:
@@ -99,27 +96,34 @@ def swap_in(spark: SparkSession, tmp: str, output: str) -> None:
 
 
 def flatten(df: DataFrame, spec: Spec, id_column: str) -> DataFrame:
-    """Struct columns from annotate()/caption() become the feature table's flat columns."""
+    """Struct columns from the SQL functions become the feature table's flat columns."""
     cols = [F.col(id_column).cast("long").alias("item_id"), F.col("event_timestamp"),
             F.col("content_hash")]
     models, errors = [], []
     for field in df.schema.fields:
         if not isinstance(field.dataType, StructType):
             continue
-        names = set(field.dataType.fieldNames())
+        names = field.dataType.fieldNames()
         c = F.col(field.name)
-        if {"label", "confidence"} <= names:
+        if {"model", "error"} <= set(names) and any(n.endswith("_label") for n in names):
+            # annotate_all(): already in table form
+            cols += [c[n].alias(n) for n in names if n not in ("model", "error")]
+            models.append(c["model"])
+            errors.append(c["error"])
+            continue
+        if {"label", "confidence"} <= set(names):
             cols += [c["label"].alias(f"{field.name}_label"),
                      c["confidence"].alias(f"{field.name}_confidence")]
             models.append(c["model"])
-        elif {"caption", "tokens"} <= names:
+        elif {"caption", "tokens"} <= set(names):
             cols += [c["caption"].alias("caption"), c["tokens"].alias("caption_tokens")]
         else:
             continue
         errors.append(F.when(c["error"].isNotNull(),
                              F.concat(F.lit(field.name + ": "), c["error"])))
     if not models:
-        raise JobError("the query returned no annotate() column; nothing to write")
+        raise JobError("the query returned no annotate() or annotate_all() column; "
+                       "nothing to write")
     cols += [F.coalesce(*models).alias("model"),
              F.lit(spec.version).alias("spec_version"),
              (F.concat_ws("; ", *errors) if errors else F.lit(None)).alias("error")]
@@ -216,6 +220,10 @@ def run(spark: SparkSession, spec: Spec, items: DataFrame, output: str,
     log.info("rows in: %d, reused: %d, to annotate: %d", rows_in, n_reused, n_todo)
     print(f"[annotate] {rows_in} rows in, {n_reused} reused, {n_todo} to annotate", flush=True)
 
+    # Spread the work over every core even when the input is one file (one partition).
+    parallelism = spark.sparkContext.defaultParallelism
+    if todo.rdd.getNumPartitions() < parallelism:
+        todo = todo.repartition(parallelism)
     # Each part is its own Spark job, so a worker switches engines at most once.
     parts = [(todo, engine, "head")]
     if routing is not None:

@@ -60,3 +60,24 @@ def test_fail_on_error_fails_the_job(spark, spec, items_view):
     assert ok.count() == items_view.count() - 4
     with pytest.raises(PythonException, match="fail_on_error"):
         spark.sql("SELECT strict_annotate('vibe', title) AS a FROM items").collect()
+
+
+def test_annotate_all_is_one_worker_and_agrees(spark, spec, items_view):
+    udfs.register(spark, spec)
+    query = spark.sql("SELECT item_id, annotate_all(title, description) AS a, "
+                      "annotate('vibe', title, description) AS vibe, "
+                      "caption(title, description) AS cap FROM items")
+    plan = spark.sql("SELECT annotate_all(title, description) AS a FROM items")
+    # one Python UDF evaluation, hence one Python worker and one engine per task
+    assert plan._jdf.queryExecution().executedPlan().toString().count("ArrowEvalPython") == 1
+    rows = query.toPandas()
+    for a, vibe, cap in zip(rows["a"], rows["vibe"], rows["cap"]):
+        assert a["vibe_label"] == vibe["label"]
+        assert a["caption"] == cap["caption"]
+        assert (a["caption_tokens"] is None) == (cap["tokens"] is None)
+        assert (a["error"] is None) == (vibe["error"] is None)
+        if a["error"]:
+            assert "vibe: empty text" in a["error"] and "caption: " in a["error"]
+        assert set(a) == {"vibe_label", "vibe_confidence", "audience_label",
+                                   "audience_confidence", "caption", "caption_tokens",
+                                   "model", "error"}

@@ -2,10 +2,17 @@
 
     annotate(attr, text, ...) -> struct<label, confidence, model, spec_version, error>
     caption(text, ...)        -> struct<caption, tokens array<bigint>, error>
+    annotate_all(text, ...)   -> struct<<attr>_label, <attr>_confidence, ..., caption,
+                                        caption_tokens, model, error>
 
 Each Arrow batch goes to the engine whole (after de-duplication); the engine is fetched once
 per task from the worker cache. The size of an Arrow batch is
 spark.sql.execution.arrow.maxRecordsPerBatch.
+
+Spark evaluates each iterator pandas UDF call of a query in its own Python worker process, so
+a query with three annotate()/caption() calls runs three workers per task, each with its own
+engine. annotate_all() does every attribute and the caption in one call: one engine per task,
+which is what a GPU engine needs (the annotate job's default query uses it).
 """
 from __future__ import annotations
 
@@ -65,6 +72,48 @@ def caption_frame(engine, spec: Spec, texts: pd.Series) -> pd.DataFrame:
     res = annotator.caption_texts(engine, spec.caption, texts)
     res.insert(1, "tokens", res["caption"].map(tokens.caption_tokens))
     return res
+
+
+def all_type(spec: Spec) -> str:
+    fields = [f"{name}_label string, {name}_confidence double" for name in spec.attributes]
+    if spec.caption is not None:
+        fields.append("caption string, caption_tokens array<bigint>")
+    return ", ".join(fields + ["model string", "error string"])
+
+
+def annotate_all_frame(engine, spec: Spec, texts: pd.Series) -> pd.DataFrame:
+    """Every attribute and the caption for one batch; errors joined as "attr: message"."""
+    texts = texts.reset_index(drop=True)
+    columns, errors = {}, []
+    for name, attribute in spec.attributes.items():
+        res = annotator.annotate_texts(engine, attribute, texts)
+        columns[f"{name}_label"] = res["label"]
+        columns[f"{name}_confidence"] = res["confidence"]
+        errors.append(res["error"].map(lambda e, n=name: e and f"{n}: {e}"))
+    if spec.caption is not None:
+        res = caption_frame(engine, spec, texts)
+        columns["caption"] = res["caption"]
+        columns["caption_tokens"] = res["tokens"]
+        errors.append(res["error"].map(lambda e: e and f"caption: {e}"))
+    out = pd.DataFrame(columns)
+    out["model"] = engine.model_name
+    out["error"] = ["; ".join(e for e in row if e) or None for row in zip(*errors)]
+    return out
+
+
+def make_annotate_all_udf(spec: Spec, engine_config: dict | None, fail_on_error: bool = False,
+                          engine_seconds=None):
+    @pandas_udf(all_type(spec))
+    def annotate_all(batches: Iterator[Tuple[pd.Series, ...]]) -> Iterator[pd.DataFrame]:
+        engine = worker.get_engine(engine_config)
+        for cols in batches:
+            started = time.perf_counter()
+            out = annotate_all_frame(engine, spec, annotator.clean_columns(cols))
+            if engine_seconds is not None:
+                engine_seconds.add(time.perf_counter() - started)
+            _check(out["error"], "annotate_all", fail_on_error)
+            yield out
+    return annotate_all
 
 
 def make_annotate_udf(spec: Spec, engine_config: dict | None, fail_on_error: bool = False,
