@@ -36,15 +36,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def redis_server(tmp_path_factory):
+def start_redis(workdir, port: int | None = None) -> tuple[RedisServer, subprocess.Popen]:
+    """Start redis-server (no periodic saves) and wait for PING; the caller stops it."""
     binary = shutil.which("redis-server")
     if binary is None:
         pytest.fail("redis-server is not installed; run `make redis` "
                     "(Debian: apt-get install redis-server)")
-    workdir = tmp_path_factory.mktemp("redis")
     log = workdir / "redis.log"
-    server = RedisServer("127.0.0.1", _free_port())
+    server = RedisServer("127.0.0.1", port or _free_port())
     proc = subprocess.Popen(
         [binary, "--save", "", "--appendonly", "no", "--port", str(server.port),
          "--bind", server.host, "--dir", str(workdir), "--logfile", str(log)],
@@ -62,6 +61,12 @@ def redis_server(tmp_path_factory):
                             f"{log.read_text() if log.exists() else ''}")
             time.sleep(0.05)
     client.close()
+    return server, proc
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    server, proc = start_redis(tmp_path_factory.mktemp("redis"))
     yield server
     proc.terminate()
     proc.wait(timeout=15)
