@@ -150,11 +150,15 @@ def summarise(annotations: Path, rankings: list[dict], seconds: float) -> None:
     print("gate                passed (report in artifacts/reports/)")
     print(f"rows materialized   {int(online['vibe_label'].notna().sum())} items online "
           f"(of {len(table)})")
-    for name, variant in ablation.get("variants", ablation).items():
-        if isinstance(variant, dict) and "ndcg@10" in variant:
-            ci = variant.get("ndcg@10_ci95")
-            print(f"NDCG@10 {name:<28} {variant['ndcg@10']:.4f}"
-                  + (f"  (95% CI {ci[0]:.4f}-{ci[1]:.4f})" if ci else ""))
+    print(f"ranker (test: {ablation['test_users']} users, {ablation['test_interactions']} "
+          f"interactions after {ablation['cutoff'][:10]})")
+    for name, v in ablation["variants"].items():
+        ndcg, auc = v["ndcg@10"], v["auc_liked"]
+        gain = v.get("ndcg@10_vs_baseline")
+        print(f"  {name:<11} NDCG@10 {ndcg['mean']:.4f} [{ndcg['ci95'][0]:.4f}, "
+              f"{ndcg['ci95'][1]:.4f}]  AUC {auc['mean']:.4f}"
+              + (f"  vs baseline {gain['mean']:+.4f} [{gain['ci95'][0]:+.4f}, "
+                 f"{gain['ci95'][1]:+.4f}]" if gain else ""))
     for r in rankings:
         top = ", ".join(f"{it['item_id']} ({it['score']:.3f})" for it in r["items"])
         print(f"user {r['user_id']:<4} top 5: {top}")
