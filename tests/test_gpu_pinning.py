@@ -171,3 +171,46 @@ def probe_gpus(master_url: str, script: str, partitions: int = 8) -> list[dict]:
 if __name__ == "__main__":
     for task_row in probe_gpus(sys.argv[1], sys.argv[2]):
         print(json.dumps(task_row))
+
+
+def test_annotate_job_on_the_cluster(cluster, tmp_path, spec):
+    """spark-submit of the annotate job to the standalone cluster, the project shipped to the
+    executors as a zip (--py-files, as on a real cluster), one GPU per executor."""
+    import zipfile
+
+    import pandas as pd
+
+    from spark_jobs.movielens import load_items
+
+    master_url, script = cluster
+    shipped = tmp_path / "annofeat.zip"
+    with zipfile.ZipFile(shipped, "w") as zf:
+        for package in ("udfs", "spark_jobs"):
+            for path in (ROOT / package).rglob("*.py"):
+                zf.write(path, path.relative_to(ROOT))
+    items = load_items().head(150)
+    items.to_parquet(tmp_path / "items.parquet", index=False, coerce_timestamps="us",
+                     allow_truncated_timestamps=True)
+    conf = {"spark.executor.cores": "1", "spark.cores.max": "2", "spark.executor.memory": "1g",
+            "spark.executor.resource.gpu.amount": "1",
+            "spark.executor.resource.gpu.discoveryScript": str(script),
+            "spark.task.resource.gpu.amount": "1", "spark.pyspark.python": sys.executable,
+            "spark.driver.host": "127.0.0.1", "spark.driver.bindAddress": "127.0.0.1",
+            "spark.ui.enabled": "false"}
+    cmd = [str(Path(sys.executable).parent / "spark-submit"), "--master", master_url,
+           "--py-files", str(shipped)]
+    for key, value in conf.items():
+        cmd += ["--conf", f"{key}={value}"]
+    cmd += [str(ROOT / "spark_jobs" / "annotate.py"), "--spec", str(ROOT / "specs/movielens.yaml"),
+            "--input", str(tmp_path / "items.parquet"), "--output", str(tmp_path / "out"),
+            "--batch-size", "32"]
+    env = {**os.environ, "PYSPARK_PYTHON": sys.executable,
+           "PYSPARK_DRIVER_PYTHON": sys.executable, "SPARK_LOCAL_IP": "127.0.0.1",
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = pd.read_parquet(tmp_path / "out")
+    assert len(table) == 150 and table["item_id"].is_unique
+    assert table["error"].isna().all()
+    assert table["vibe_label"].isin(spec.attributes["vibe"].labels).all()
+    assert (table["spec_version"] == spec.version).all()
