@@ -28,8 +28,10 @@ demo: venv
 test: venv redis
 	$(PY) -m pytest -q tests
 
+# Benchmarks print their figures and ratios (docs/PERFORMANCE.md); rank_latency needs `make demo` first.
 bench: venv
 	$(PY) bench/annotate_throughput.py
+	$(PY) bench/rank_latency.py
 
 clean:
 	rm -rf artifacts feature_repo/data spark-warehouse
