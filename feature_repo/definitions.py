@@ -1,7 +1,7 @@
 """Feast definitions for the annotation features and the ranker's personalisation features.
 
-Declarations only. The Parquet tables under data/ are written by spark_jobs/annotate.py
-(item_annotations) and spark_jobs/train_ranker.py's feature step (item_stats, user_stats).
+Declarations (plus one helper that picks the source class for the offline store). The Parquet tables under data/ are written by spark_jobs/annotate.py
+(item_annotations) and spark_jobs/build_features.py (item_stats, user_stats).
 Annotation rows are stamped with when the item became available (event_timestamp) and when
 they were annotated (created_timestamp): re-annotation never moves a feature back in time, and
 Feast keeps the newest annotation.
