@@ -101,47 +101,43 @@ def annotate_all_frame(engine, spec: Spec, texts: pd.Series) -> pd.DataFrame:
     return out
 
 
-def make_annotate_all_udf(spec: Spec, engine_config: dict | None, fail_on_error: bool = False,
-                          engine_seconds=None):
-    @pandas_udf(all_type(spec))
-    def annotate_all(batches: Iterator[Tuple[pd.Series, ...]]) -> Iterator[pd.DataFrame]:
+def _batch_udf(name: str, return_type: str, frame, engine_config: dict | None,
+               fail_on_error: bool, engine_seconds):
+    """An iterator pandas UDF: this worker's engine once per task, then `frame(engine, cols)`
+    per Arrow batch. `engine_seconds`, an optional accumulator, adds up time spent in frame."""
+    def run(batches: Iterator[Tuple[pd.Series, ...]]) -> Iterator[pd.DataFrame]:
         engine = worker.get_engine(engine_config)
         for cols in batches:
             started = time.perf_counter()
-            out = annotate_all_frame(engine, spec, annotator.clean_columns(cols))
+            out = frame(engine, cols)
             if engine_seconds is not None:
                 engine_seconds.add(time.perf_counter() - started)
-            _check(out["error"], "annotate_all", fail_on_error)
+            _check(out["error"], name, fail_on_error)
             yield out
-    return annotate_all
+    run.__name__ = name
+    return pandas_udf(run, return_type)
+
+
+def make_annotate_all_udf(spec: Spec, engine_config: dict | None, fail_on_error: bool = False,
+                          engine_seconds=None):
+    return _batch_udf(
+        "annotate_all", all_type(spec),
+        lambda engine, cols: annotate_all_frame(engine, spec, annotator.clean_columns(cols)),
+        engine_config, fail_on_error, engine_seconds)
 
 
 def make_annotate_udf(spec: Spec, engine_config: dict | None, fail_on_error: bool = False,
                       engine_seconds=None):
-    """`engine_seconds`: an optional Spark accumulator that adds up time spent annotating."""
-    @pandas_udf(ANNOTATE_TYPE)
-    def annotate(batches: Iterator[Tuple[pd.Series, ...]]) -> Iterator[pd.DataFrame]:
-        engine = worker.get_engine(engine_config)
-        for cols in batches:
-            started = time.perf_counter()
-            out = annotate_frame(engine, spec, cols[0], annotator.clean_columns(cols[1:]))
-            if engine_seconds is not None:
-                engine_seconds.add(time.perf_counter() - started)
-            _check(out["error"], "annotate", fail_on_error)
-            yield out
-    return annotate
+    return _batch_udf(
+        "annotate", ANNOTATE_TYPE,
+        lambda engine, cols: annotate_frame(engine, spec, cols[0],
+                                            annotator.clean_columns(cols[1:])),
+        engine_config, fail_on_error, engine_seconds)
 
 
 def make_caption_udf(spec: Spec, engine_config: dict | None, fail_on_error: bool = False,
                      engine_seconds=None):
-    @pandas_udf(CAPTION_TYPE)
-    def caption(batches: Iterator[Tuple[pd.Series, ...]]) -> Iterator[pd.DataFrame]:
-        engine = worker.get_engine(engine_config)
-        for cols in batches:
-            started = time.perf_counter()
-            out = caption_frame(engine, spec, annotator.clean_columns(cols))
-            if engine_seconds is not None:
-                engine_seconds.add(time.perf_counter() - started)
-            _check(out["error"], "caption", fail_on_error)
-            yield out
-    return caption
+    return _batch_udf(
+        "caption", CAPTION_TYPE,
+        lambda engine, cols: caption_frame(engine, spec, annotator.clean_columns(cols)),
+        engine_config, fail_on_error, engine_seconds)
