@@ -4,8 +4,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
@@ -16,7 +14,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from tests.redis_server import _free_port, start_redis
+from tests.redis_server import start_redis
+from tests.service_process import start_service
 from tests.test_train_ranker import build_repo, _built
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,22 +38,7 @@ def service(tmp_path_factory):
     store = FeatureStore(repo_path=str(repo))
     store.materialize(datetime(1990, 1, 1, tzinfo=timezone.utc), datetime.now(timezone.utc))
 
-    port = _free_port()
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    app = subprocess.Popen(
-        [sys.executable, "-m", "ranking_service", "--repo", str(repo), "--model",
-         str(_built["model"]), "--host", "127.0.0.1", "--port", str(port)],
-        env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while True:
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            assert app.poll() is None, app.stderr.read().decode()[-2000:]
-            assert time.time() < deadline, "service did not start"
-            time.sleep(0.3)
+    app, url = start_service(repo, _built["model"])
     ratings = pd.read_csv(_built["ratings"])
     state = {"url": url, "server": server, "proc": proc, "rdir": rdir,
              "users": sorted(ratings["userId"].unique().tolist()),

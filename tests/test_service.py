@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import shutil
 import socket
-import subprocess
-import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -20,6 +18,7 @@ from fastapi.testclient import TestClient
 
 from ranking_service import model as ranker_model
 from ranking_service.app import MAX_CANDIDATES, create_app
+from tests.service_process import start_service
 from tests.test_train_ranker import build_repo
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -162,22 +161,8 @@ def test_startup_refuses_a_model_that_features_py_cannot_build(trained, tmp_path
 
 
 def test_real_uvicorn_server(trained, candidates):
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "ranking_service", "--repo", str(trained["repo"]),
-         "--model", str(trained["model"]), "--port", str(port)],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc, url = start_service(trained["repo"], trained["model"])
     try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                assert proc.poll() is None, proc.stderr.read().decode()
-                assert time.monotonic() < deadline, "service did not start"
-                time.sleep(0.3)
         r = httpx.post(f"{url}/rank", json={"user_id": USER, "item_ids": candidates, "k": 3})
         assert r.status_code == 200 and len(r.json()["items"]) == 3
         assert httpx.post(f"{url}/rank", json={"user_id": USER, "item_ids": []}).status_code == 422
