@@ -2,16 +2,28 @@
 
     python bench/rank_latency.py --repo feature_repo --model artifacts/ranker
 
-Starts the service (`python -m ranking_service`) on a free 127.0.0.1 port with real
-uvicorn, then measures p50/p99 of /rank for one client and for 32 concurrent clients (a
-bounded number of requests each), and in the same run `FeatureStore.get_online_features`
-for the same user and 100 items: the feature fetch alone, the reference the service is
-meant to beat (target: /rank p99 <= reference p99).
+Measures, in one run and with the same requests (200 distinct users, each with 100 distinct
+candidate items, drawn from the repo's features):
+
+* /rank on the real service (`python -m ranking_service`, uvicorn on 127.0.0.1), once per
+  `--workers` setting: HTTP, features, scoring and sort;
+* the reference, Feast's `get_online_features` for the same user and 100 items (the feature
+  fetch alone), two ways: in this process through the SDK, and over HTTP through Feast's
+  own feature server (`feast serve`, the same worker count as the service, with the number of requests of the SDK);
+
+each for one client and for `--concurrency` concurrent clients. The HTTP load generator is
+asyncio on raw keep-alive connections (a closed loop: each client sends its next request when
+the last answer is in), so it costs little next to the servers it measures; on a 2-core box
+it still shares the cores with them. The target: /rank p99 <= the reference's p99 at the same
+concurrency. The service's cache is filled by one untimed pass over the requests first (a
+service that has been up a while); that pass's latencies are reported as `first_pass`.
 """
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -19,75 +31,169 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pandas as pd
 
 ROOT = Path(__file__).resolve().parent.parent
+HOST = "127.0.0.1"
 
 
 def percentiles(ms: list[float]) -> dict:
     a = np.asarray(ms)
-    return {"n": len(a), "p50_ms": round(float(np.percentile(a, 50)), 3),
-            "p99_ms": round(float(np.percentile(a, 99)), 3)}
+    return {"n": len(a), "p50_ms": round(float(np.percentile(a, 50)), 2),
+            "p99_ms": round(float(np.percentile(a, 99)), 2),
+            "max_ms": round(float(a.max()), 2)}
 
 
 def free_port() -> int:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((HOST, 0))
         return s.getsockname()[1]
 
 
-def pick_entities(repo: Path, n_items: int, seed: int) -> tuple[int, list[int]]:
-    """A user and items that the repo has features for."""
+def pick_requests(repo: Path, n_requests: int, n_items: int, seed: int) -> list[tuple[int, list[int]]]:
+    """(user, candidate items) pairs for entities the repo has features for."""
     rng = np.random.default_rng(seed)
     items = pd.read_parquet(repo / "data" / "item_stats", columns=["item_id"])["item_id"].unique()
     users = pd.read_parquet(repo / "data" / "user_stats", columns=["user_id"])["user_id"].unique()
-    return int(rng.choice(users)), [int(i) for i in rng.choice(items, n_items, replace=False)]
+    return [(int(rng.choice(users)), [int(i) for i in rng.choice(items, n_items, replace=False)])
+            for _ in range(n_requests)]
 
 
-def timed_posts(url: str, body: dict, n: int) -> list[float]:
-    out = []
-    with httpx.Client(timeout=30) as client:
-        for _ in range(n):
+# -- HTTP load generator ---------------------------------------------------------------------
+
+def http_post(path: str, port: int, body: dict) -> bytes:
+    data = json.dumps(body).encode()
+    return (f"POST {path} HTTP/1.1\r\nHost: {HOST}:{port}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(data)}\r\n\r\n").encode() + data
+
+
+async def _client(port: int, requests: list[bytes], out: list[float]) -> None:
+    reader, writer = await asyncio.open_connection(HOST, port)
+    try:
+        for req in requests:
             t0 = time.perf_counter()
-            r = client.post(url, json=body)
+            writer.write(req)
+            status = await reader.readline()
+            length = 0
+            while (line := await reader.readline()) not in (b"\r\n", b""):
+                if line[:15].lower() == b"content-length:":
+                    length = int(line[15:])
+            body = await reader.readexactly(length)
             out.append((time.perf_counter() - t0) * 1e3)
-            r.raise_for_status()
-    return out
+            if status.split()[1:2] != [b"200"]:
+                raise RuntimeError(f"{status.decode().strip()}: {body[:300]!r}")
+    finally:
+        writer.close()
 
 
-def start_service(repo: Path, model: Path, port: int, no_cache: bool) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "ranking_service", "--repo", str(repo), "--model", str(model),
-           "--port", str(port)] + (["--no-cache"] if no_cache else [])
-    proc = subprocess.Popen(cmd, cwd=ROOT)
+def load(port: int, requests: list[bytes], clients: int, per_client: int) -> tuple[list[float], float]:
+    """`clients` concurrent connections, each sending `per_client` requests in turn (client c
+    starts at request c, so concurrent requests differ); latencies (ms) and wall seconds."""
+    async def run() -> list[float]:
+        out: list[float] = []
+        await asyncio.gather(*(
+            _client(port, [requests[(c + k) % len(requests)] for k in range(per_client)], out)
+            for c in range(clients)))
+        return out
+    t0 = time.perf_counter()
+    out = asyncio.run(run())
+    return out, time.perf_counter() - t0
+
+
+def measure_http(port: int, requests: list[bytes], args, n_single: int, per_client: int) -> dict:
+    single, _ = load(port, requests, 1, n_single)
+    many, wall = load(port, requests, args.concurrency, per_client)
+    return {"single_client": percentiles(single),
+            f"{args.concurrency}_clients": {**percentiles(many),
+                                            "throughput_rps": round(len(many) / wall, 1)}}
+
+
+# -- servers ---------------------------------------------------------------------------------
+
+def start(cmd: list[str], port: int, health: str, cwd: Path) -> subprocess.Popen:
+    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise SystemExit(f"service exited with {proc.returncode}")
+            raise SystemExit(f"{cmd[:3]} exited with {proc.returncode}: "
+                             f"{proc.stderr.read().decode()[-2000:]}")
         try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return proc
-        except httpx.TransportError:
+            with socket.create_connection((HOST, port), timeout=1) as s:
+                s.sendall(f"GET {health} HTTP/1.1\r\nHost: {HOST}\r\n\r\n".encode())
+                if s.recv(64).split()[1:2] == [b"200"]:
+                    return proc
+        except OSError:
             time.sleep(0.3)
+    stop(proc)
+    raise SystemExit(f"{cmd[:3]} did not start in 180 s")
+
+
+def stop(proc: subprocess.Popen) -> None:
     proc.terminate()
-    raise SystemExit("service did not start in 180 s")
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
 
 
-def reference(repo: Path, model: Path, user: int, items: list[int], n: int) -> list[float]:
-    """Feast's get_online_features for the refs the model needs, user x 100 items."""
+def bench_service(args, workers: int, pairs) -> dict:
+    port = free_port()
+    cmd = [sys.executable, "-m", "ranking_service", "--repo", args.repo, "--model", args.model,
+           "--port", str(port), "--workers", str(workers)] + (["--no-cache"] if args.no_cache else [])
+    reqs = [http_post("/rank", port, {"user_id": u, "item_ids": items}) for u, items in pairs]
+    proc = start(cmd, port, "/health", ROOT)
+    try:
+        first, _ = load(port, reqs, 1, len(reqs))  # fills one worker's feature cache
+        load(port, reqs, args.concurrency, len(reqs))  # and, untimed, every worker's
+        return {"first_pass": percentiles(first),
+                **measure_http(port, reqs, args, args.requests, args.per_client)}
+    finally:
+        stop(proc)
+
+
+def bench_feature_server(args, workers: int, refs: list[str], pairs) -> dict:
+    port = free_port()
+    feast = Path(sys.executable).parent / "feast"
+    # Feast's defaults restart a worker every ~1000 requests; turned off to measure it at its best
+    cmd = [str(feast), "serve", "--host", HOST, "--port", str(port), "--workers", str(workers),
+           "--no-access-log", "--max-requests", "1000000000"]
+    reqs = [http_post("/get-online-features", port,
+                      {"features": refs, "entities": {"item_id": items, "user_id": [u] * len(items)}})
+            for u, items in pairs]
+    proc = start(cmd, port, "/health", Path(args.repo))
+    try:
+        load(port, reqs, args.concurrency, 2)  # warm-up, every worker
+        return measure_http(port, reqs, args, args.reference_calls, args.reference_per_client)
+    finally:
+        stop(proc)
+
+
+def bench_sdk(args, refs: list[str], pairs) -> dict:
+    """get_online_features in this process: one caller, then `concurrency` threads."""
     from feast import FeatureStore
-    from ranking_service.model import load
-    fs = load(model).features
-    store = FeatureStore(repo_path=str(repo))
-    refs, rows = fs.item_refs() + fs.user_refs(), [{"user_id": user, "item_id": i} for i in items]
-    store.get_online_features(features=refs, entity_rows=rows).to_dict()  # warm-up
-    out = []
-    for _ in range(n):
+    store = FeatureStore(repo_path=args.repo)
+    rows = [[{"user_id": u, "item_id": i} for i in items] for u, items in pairs]
+
+    def calls(offset: int, n: int) -> list[float]:
+        out = []
+        for k in range(n):
+            t0 = time.perf_counter()
+            store.get_online_features(features=refs, entity_rows=rows[(offset + k) % len(rows)]).to_dict()
+            out.append((time.perf_counter() - t0) * 1e3)
+        return out
+
+    calls(0, 10)  # warm-up
+    single = calls(0, args.reference_calls)
+    with ThreadPoolExecutor(args.concurrency) as pool:
         t0 = time.perf_counter()
-        store.get_online_features(features=refs, entity_rows=rows).to_dict()
-        out.append((time.perf_counter() - t0) * 1e3)
-    return out
+        runs = list(pool.map(lambda c: calls(c, args.reference_per_client), range(args.concurrency)))
+        wall = time.perf_counter() - t0
+    many = [ms for run in runs for ms in run]
+    return {"single_client": percentiles(single),
+            f"{args.concurrency}_clients": {**percentiles(many),
+                                            "throughput_rps": round(len(many) / wall, 1)}}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -95,42 +201,46 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repo", default=str(ROOT / "feature_repo"))
     p.add_argument("--model", default=str(ROOT / "artifacts" / "ranker"))
     p.add_argument("--candidates", type=int, default=100)
-    p.add_argument("--requests", type=int, default=1000, help="single-client requests")
+    p.add_argument("--distinct", type=int, default=200, help="distinct (user, candidates) requests")
+    p.add_argument("--workers", type=int, nargs="+", default=[1, 2],
+                   help="server processes; each setting is measured")
+    p.add_argument("--requests", type=int, default=1000, help="single-client /rank requests")
     p.add_argument("--concurrency", type=int, default=32)
-    p.add_argument("--per-client", type=int, default=30, help="requests per concurrent client")
-    p.add_argument("--reference-calls", type=int, default=300)
+    p.add_argument("--per-client", type=int, default=60, help="/rank requests per concurrent client")
+    p.add_argument("--reference-calls", type=int, default=300,
+                   help="single-client Feast calls (SDK and feature server)")
+    p.add_argument("--reference-per-client", type=int, default=10,
+                   help="Feast calls per concurrent client (SDK and feature server)")
+    p.add_argument("--no-feature-server", action="store_true", help="skip `feast serve`")
     p.add_argument("--no-cache", action="store_true", help="service reads Feast per request")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="also write the figures here")
     args = p.parse_args(argv)
-    repo, model = Path(args.repo), Path(args.model)
-    user, items = pick_entities(repo, args.candidates, args.seed)
-    body = {"user_id": user, "item_ids": items}
-    port = free_port()
-    url = f"http://127.0.0.1:{port}/rank"
-    proc = start_service(repo, model, port, args.no_cache)
-    try:
-        timed_posts(url, body, 20)  # warm-up (fills the feature cache)
-        single = timed_posts(url, body, args.requests)
-        with ThreadPoolExecutor(args.concurrency) as pool:
-            t0 = time.perf_counter()
-            runs = list(pool.map(lambda _: timed_posts(url, body, args.per_client),
-                                 range(args.concurrency)))
-            wall = time.perf_counter() - t0
-        concurrent = [ms for run in runs for ms in run]
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-    ref = reference(repo, model, user, items, args.reference_calls)
-    figures = {
-        "candidates": args.candidates, "service_cache": not args.no_cache,
-        "rank_single_client": percentiles(single),
-        f"rank_{args.concurrency}_clients": {**percentiles(concurrent),
-                                             "throughput_rps": round(len(concurrent) / wall, 1)},
-        "feast_get_online_features": percentiles(ref),
-    }
-    figures["p99_ratio_rank_single_vs_feast"] = round(
-        figures["rank_single_client"]["p99_ms"] / figures["feast_get_online_features"]["p99_ms"], 3)
+    args.repo, args.model = str(Path(args.repo).resolve()), str(Path(args.model).resolve())
+
+    from ranking_service.model import load as load_model
+    fs = load_model(args.model).features
+    refs = fs.item_refs() + fs.user_refs()
+    pairs = pick_requests(Path(args.repo), args.distinct, args.candidates, args.seed)
+    c = f"{args.concurrency}_clients"
+    figures: dict = {"candidates": args.candidates, "distinct_requests": args.distinct,
+                     "service_cache": not args.no_cache, "cpus": os.cpu_count(),
+                     "feast_sdk_in_process": bench_sdk(args, refs, pairs)}
+    for w in args.workers:
+        figures[f"rank_{w}_workers"] = bench_service(args, w, pairs)
+        if not args.no_feature_server:
+            figures[f"feast_feature_server_{w}_workers"] = bench_feature_server(args, w, refs, pairs)
+    ratios = {}
+    for w in args.workers:
+        rank = figures[f"rank_{w}_workers"]
+        for load_name in ("single_client", c):
+            ratios[f"rank_{w}w_{load_name}_vs_sdk"] = round(
+                rank[load_name]["p99_ms"] / figures["feast_sdk_in_process"][load_name]["p99_ms"], 3)
+            if not args.no_feature_server:
+                ratios[f"rank_{w}w_{load_name}_vs_feature_server_{w}w"] = round(
+                    rank[load_name]["p99_ms"]
+                    / figures[f"feast_feature_server_{w}_workers"][load_name]["p99_ms"], 3)
+    figures["p99_ratios"] = ratios  # target: every ratio <= 1
     print(json.dumps(figures, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=2))

@@ -4,13 +4,15 @@
       -> {"user_id": 1, "model": "...", "items": [{"item_id": 2, "score": 0.41}, ...],
           "unknown_user": false, "unknown_items": []}
 
-Online features come from Feast (cached per entity until the registry changes, see
-online.py), go through the same `FeatureSet.matrix` as training, and all candidates are
-scored in one XGBoost call. Ids the online store does not know get all-missing features
+Online features come from Feast, encoded by the same `FeatureSet` code as training and
+cached per entity until the registry changes (see online.py); a request joins the cached
+item and user rows (`FeatureSet.assemble`) and scores all candidates in one XGBoost call. Ids the online store does not know get all-missing features
 (XGBoost routes missing values) and are flagged. Bad requests get 422 with the reason; an
 unreadable online store gets 503.
 """
 from __future__ import annotations
+
+import os
 
 import numpy as np
 from fastapi import FastAPI
@@ -22,6 +24,8 @@ from ranking_service import model as ranker_model
 from ranking_service.online import OnlineFeatures, OnlineStoreUnavailable
 
 MAX_CANDIDATES = 1000
+# Settings for `app_from_env`, the factory each worker process calls (`--workers N`).
+ENV_REPO, ENV_MODEL, ENV_CACHE = "ANNOFEAT_RANK_REPO", "ANNOFEAT_RANK_MODEL", "ANNOFEAT_RANK_CACHE"
 Int64 = Annotated[StrictInt, Field(ge=-(2**63), le=2**63 - 1)]
 
 
@@ -63,13 +67,15 @@ def create_app(repo_path: str, model_dir: str, cache: bool = True) -> FastAPI:
     store = FeatureStore(repo_path=str(repo_path))
     fs = ranker.features
     check_registry(store, fs.item_refs() + fs.user_refs())
-    online = OnlineFeatures(store, fs.item_refs(), fs.user_refs(), cache=cache)
+    online = OnlineFeatures(store, {
+        "item_id": (fs.item_refs(), fs.encode_items, len(fs.item_columns)),
+        "user_id": (fs.user_refs(), fs.encode_users, len(fs.user_columns))}, cache=cache)
     app = FastAPI(title="annofeat ranking service")
 
     @app.get("/health")
     async def health() -> dict:
         return {"status": "ok", "model": ranker.name, "n_features": len(fs.columns),
-                "max_candidates": MAX_CANDIDATES}
+                "max_candidates": MAX_CANDIDATES, "pid": os.getpid()}
 
     # async on purpose: requests run one at a time on the event loop thread, so the
     # cache and the online store connection are never shared across threads.
@@ -78,13 +84,11 @@ def create_app(repo_path: str, model_dir: str, cache: bool = True) -> FastAPI:
         if len(set(req.item_ids)) != len(req.item_ids):
             return JSONResponse({"detail": "item_ids must not repeat an id"}, status_code=422)
         try:
-            items, item_known = online.rows("item_id", req.item_ids)
-            user, user_known = online.rows("user_id", [req.user_id])
+            items, item_known = online.block("item_id", req.item_ids)
+            user, user_known = online.block("user_id", [req.user_id])
         except OnlineStoreUnavailable as exc:
             return JSONResponse({"detail": str(exc)}, status_code=503)
-        for col in user.columns:
-            items[col] = user.at[0, col]
-        scores = ranker.predict(fs.matrix(items))
+        scores = ranker.predict(fs.assemble(items, user))
         top = np.argsort(-scores, kind="stable")[:req.k]
         return {"user_id": req.user_id, "model": ranker.name,
                 "items": [{"item_id": req.item_ids[i], "score": float(scores[i])} for i in top],
@@ -92,3 +96,9 @@ def create_app(repo_path: str, model_dir: str, cache: bool = True) -> FastAPI:
                 "unknown_items": [i for i, ok in zip(req.item_ids, item_known) if not ok]}
 
     return app
+
+
+def app_from_env() -> FastAPI:
+    """The app for one worker process, configured by ANNOFEAT_RANK_{REPO,MODEL,CACHE}."""
+    return create_app(os.environ[ENV_REPO], os.environ[ENV_MODEL],
+                      cache=os.environ.get(ENV_CACHE, "1") != "0")

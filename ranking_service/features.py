@@ -1,7 +1,9 @@
 """Feature rows -> model matrix: the one definition shared by training and serving.
 
-Training gets feature rows from Feast's point-in-time join, the service from the online
-store; both hand them to `FeatureSet.matrix`, so a column means the same thing in both. A
+Training gets feature rows from Feast's point-in-time join and calls `FeatureSet.matrix`;
+the service encodes online rows once per entity (`encode_items`, `encode_users`, cached)
+and joins them per request with `assemble`. `matrix` is those same three steps, so a
+column means the same thing in both. A
 `FeatureSet` is fixed by the spec (attribute label lists become fixed categorical
 categories), the number of caption-token buckets and the ablation variant, and it is saved
 with the model (`to_dict`/`from_dict`).
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import pandas as pd
@@ -92,7 +95,7 @@ class FeatureSet:
             refs += [f"{USER_STATS}:{c}" for c in self._share_columns()]
         return refs
 
-    @property
+    @cached_property
     def columns(self) -> list[str]:
         """The model's input columns, in order."""
         cols = [*ITEM_BASELINE, *USER_BASELINE]
@@ -104,39 +107,100 @@ class FeatureSet:
             cols += [f"caption_bucket_{i:02d}" for i in range(self.n_buckets)]
         return cols
 
-    def matrix(self, rows: pd.DataFrame) -> pd.DataFrame:
-        """The model matrix for feature rows named as Feast returns them (no view prefix).
+    # The matrix is built in two halves that serving caches separately: an item block (one
+    # row per item, user-independent) and a user block. `assemble` joins them, computing the
+    # one cross feature; `matrix` (training) and the service both go through it.
 
-        Missing values stay NaN (XGBoost routes them); labels outside the spec's list become
-        NaN too, so an unexpected label can never shift the category codes.
+    @cached_property
+    def item_columns(self) -> list[str]:
+        """Columns of the item block: every item-side model input, labels as codes."""
+        return [c for c in self.columns if c not in USER_BASELINE and not c.startswith("user_")]
+
+    @cached_property
+    def user_columns(self) -> list[str]:
+        """Columns of the user block: the user stats, then the per-label shares."""
+        return [*USER_BASELINE, *(self._share_columns() if self._annotated else [])]
+
+    def encode_items(self, rows: pd.DataFrame) -> np.ndarray:
+        """Item feature rows (as Feast names them) -> the item block, float64.
+
+        A label becomes its index in the spec's label list (NaN when null or outside the
+        list, so an unexpected label can never shift the codes); no caption is NaN in every
+        bucket, an empty caption is zero counts.
         """
-        needed = [r.split(":", 1)[1] for r in self.item_refs() + self.user_refs()]
-        absent = [c for c in needed if c not in rows.columns]
-        if absent:
-            raise KeyError(f"feature rows lack columns {absent}")
-        out = {c: _numeric(rows[c]) for c in (*ITEM_BASELINE, *USER_BASELINE)}
+        _require(rows, [r.split(":", 1)[1] for r in self.item_refs()])
+        out = {c: _numeric(rows[c]) for c in ITEM_BASELINE}
         if self._annotated:
             for name, labels in self.attributes:
-                out[f"{name}_label"] = pd.Categorical(rows[f"{name}_label"].to_numpy(object),
-                                                      categories=list(labels))
+                out[f"{name}_label"] = _codes(rows[f"{name}_label"], labels)
                 out[f"{name}_confidence"] = _numeric(rows[f"{name}_confidence"])
-            if self.share_attribute:
-                out[f"user_share_{self.share_attribute}"] = self._cross(
-                    out[f"{self.share_attribute}_label"], rows)
         if self._captioned:
             tokens = [t if isinstance(t, (list, tuple, np.ndarray)) else None
                       for t in rows["caption_tokens"]]
             counts = bucket_counts(tokens, self.n_buckets).astype(np.float64)
             counts[[t is None for t in tokens]] = np.nan  # no caption is not an empty caption
             out.update({f"caption_bucket_{i:02d}": counts[:, i] for i in range(self.n_buckets)})
-        return pd.DataFrame(out, index=rows.index)[self.columns]
+        return _stack([out[c] for c in self.item_columns], len(rows))
 
-    def _cross(self, labels: pd.Categorical, rows: pd.DataFrame) -> np.ndarray:
-        """Per row, the user's past share of items carrying this item's label."""
-        shares = np.column_stack([_numeric(rows[c]) for c in self._share_columns()])
-        codes = np.asarray(labels.codes)
-        picked = shares[np.arange(len(codes)), np.clip(codes, 0, None)]
-        return np.where(codes >= 0, picked, np.nan)
+    def encode_users(self, rows: pd.DataFrame) -> np.ndarray:
+        """User feature rows -> the user block, float64."""
+        _require(rows, [r.split(":", 1)[1] for r in self.user_refs()])
+        return _stack([_numeric(rows[c]) for c in self.user_columns], len(rows))
+
+    def assemble(self, items: np.ndarray, users: np.ndarray) -> np.ndarray:
+        """The model matrix (float64, `columns` order) from an item block and a user block
+        with one row per item row, or a single row that every item row shares."""
+        n, (to_item, to_user, code_col, to_cross) = len(items), self._layout
+        users = np.broadcast_to(users, (n, len(self.user_columns)))
+        out = np.empty((n, len(self.columns)))
+        out[:, to_item] = items
+        out[:, to_user] = users[:, :len(USER_BASELINE)]
+        if to_cross is not None:
+            # the user's past share of items carrying this item's label
+            codes = items[:, code_col]
+            known = ~np.isnan(codes)
+            shares = users[:, len(USER_BASELINE):]
+            picked = shares[np.arange(n), np.where(known, codes, 0).astype(np.intp)]
+            out[:, to_cross] = np.where(known, picked, np.nan)
+        return out
+
+    @cached_property
+    def _layout(self) -> tuple[list[int], list[int], int | None, int | None]:
+        """Where the blocks go in the matrix: item and user-stat positions, and for the
+        cross feature the item block's label-code column and the matrix position."""
+        cols = self.columns
+        cross = self._annotated and self.share_attribute
+        return ([cols.index(c) for c in self.item_columns],
+                [cols.index(c) for c in USER_BASELINE],
+                self.item_columns.index(f"{self.share_attribute}_label") if cross else None,
+                cols.index(f"user_share_{self.share_attribute}") if cross else None)
+
+    def matrix(self, rows: pd.DataFrame) -> pd.DataFrame:
+        """The model matrix for feature rows holding both item and user columns, labels as
+        categoricals over the spec's label list (what XGBoost trains on)."""
+        x = self.assemble(self.encode_items(rows), self.encode_users(rows))
+        out = pd.DataFrame(x, columns=self.columns, index=rows.index)
+        if self._annotated:
+            for name, labels in self.attributes:
+                codes = out[f"{name}_label"].to_numpy()
+                out[f"{name}_label"] = pd.Categorical.from_codes(
+                    np.where(np.isnan(codes), -1, codes).astype(np.int64), categories=list(labels))
+        return out
+
+
+def _require(rows: pd.DataFrame, needed: list[str]) -> None:
+    absent = [c for c in needed if c not in rows.columns]
+    if absent:
+        raise KeyError(f"feature rows lack columns {absent}")
+
+
+def _stack(cols: list[np.ndarray], n: int) -> np.ndarray:
+    return np.column_stack(cols) if cols else np.empty((n, 0))
+
+
+def _codes(col: pd.Series, labels: tuple[str, ...]) -> np.ndarray:
+    codes = pd.Categorical(col.to_numpy(object), categories=list(labels)).codes
+    return np.where(codes >= 0, codes, np.nan)
 
 
 def _numeric(col: pd.Series) -> np.ndarray:

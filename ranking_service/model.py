@@ -35,23 +35,21 @@ class Ranker:
     def name(self) -> str:
         return str(self.meta.get("name", "ranker"))
 
-    def predict(self, matrix: pd.DataFrame) -> np.ndarray:
-        """Scores for a model matrix from `self.features.matrix` (higher ranks first).
+    def predict(self, matrix: pd.DataFrame | np.ndarray) -> np.ndarray:
+        """Scores (higher ranks first) for a model matrix: `features.matrix` or, as the
+        service does, `features.assemble` (labels already as codes).
 
         Categoricals go in as their codes (fixed by the spec's label order, as in training)
-        in one float array: the same scores as handing XGBoost the DataFrame, at a third of
-        the cost for a 100-row request.
+        in one float32 array: the same scores as handing XGBoost the DataFrame, at a fraction
+        of the cost for a 100-row request.
         """
-        cols = []
-        for name in matrix.columns:
-            col = matrix[name]
-            if isinstance(col.dtype, pd.CategoricalDtype):
-                codes = col.cat.codes.to_numpy().astype(np.float32)
-                codes[codes < 0] = np.nan
-                cols.append(codes)
-            else:
-                cols.append(col.to_numpy(np.float32))
-        return self.booster.inplace_predict(np.column_stack(cols), validate_features=False)
+        if isinstance(matrix, pd.DataFrame):
+            matrix = np.column_stack([
+                np.where(col.cat.codes >= 0, col.cat.codes, np.nan)
+                if isinstance(col.dtype, pd.CategoricalDtype) else col.to_numpy(np.float64)
+                for _, col in matrix.items()])
+        return self.booster.inplace_predict(np.asarray(matrix, np.float32),
+                                            validate_features=False)
 
 
 def save(model_dir: str | Path, booster: xgb.Booster, features: FeatureSet, meta: dict) -> None:

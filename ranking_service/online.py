@@ -1,18 +1,25 @@
-"""Online feature rows for the ranking service, cached until the registry changes.
+"""Online feature rows for the ranking service, encoded once and cached until the registry
+changes.
 
-Feast's `get_online_features` costs milliseconds per call, more than scoring 100 candidates.
-Feature values only change when something is materialized (or applied), and both rewrite
-the file registry, so rows are cached per entity and the whole cache is dropped as soon as
-the registry file's (mtime, size) changes. A registry that is not a local file disables the
-cache: every request then reads the online store.
+Feast's `get_online_features` costs milliseconds per call, more than scoring 100 candidates,
+and turning its rows into model inputs costs as much again. Feature values only change when
+something is materialized (or applied), and both rewrite the file registry, so each entity's
+row is fetched once, encoded (`FeatureSet.encode_items` / `encode_users`) and kept as a
+float64 vector; the whole cache is dropped as soon as the registry file's (mtime, size)
+changes. A registry that is not a local file disables the cache: every request then reads
+the online store.
 """
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
+import numpy as np
 import pandas as pd
 
 MAX_CACHED = 200_000  # rows per entity kind; the cache is cleared beyond it
+
+Encoder = Callable[[pd.DataFrame], np.ndarray]
 
 
 class OnlineStoreUnavailable(RuntimeError):
@@ -20,13 +27,17 @@ class OnlineStoreUnavailable(RuntimeError):
 
 
 class OnlineFeatures:
-    def __init__(self, store, item_refs: list[str], user_refs: list[str], cache: bool = True):
+    """`block(key, ids)`: the encoded rows for entity ids of one kind ("item_id", "user_id").
+
+    `kinds` maps the entity key to (feature refs, encoder, width of an encoded row)."""
+
+    def __init__(self, store, kinds: dict[str, tuple[list[str], Encoder, int]],
+                 cache: bool = True):
         self.store = store
-        self.refs = {"item_id": item_refs, "user_id": user_refs}
-        self.names = {k: [r.split(":", 1)[1] for r in v] for k, v in self.refs.items()}
+        self.kinds = kinds
         self._registry = _local_registry(store) if cache else None
         self._token = self._registry_token()
-        self._rows: dict[str, dict[int, tuple | None]] = {"item_id": {}, "user_id": {}}
+        self._rows: dict[str, dict[int, np.ndarray | None]] = {k: {} for k in kinds}
 
     def _registry_token(self) -> tuple | None:
         if self._registry is None or not self._registry.exists():
@@ -38,12 +49,12 @@ class OnlineFeatures:
         token = self._registry_token()
         if token != self._token:
             self.store.refresh_registry()
-            self._rows = {"item_id": {}, "user_id": {}}
+            self._rows = {k: {} for k in self.kinds}
             self._token = token
 
-    def rows(self, key: str, ids: list[int]) -> tuple[pd.DataFrame, list[bool]]:
-        """Feature rows for `ids` (in order) and, per id, whether the online store knows it
-        (an unknown id gets an all-missing row)."""
+    def block(self, key: str, ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        """Encoded rows for `ids` (in order) and, per id, whether the online store knows it
+        (an unknown id gets an all-NaN row, which XGBoost routes as missing)."""
         self._check_fresh()
         cached = self._rows[key] if self._registry is not None else {}
         missing = list(dict.fromkeys(i for i in ids if i not in cached))
@@ -51,22 +62,25 @@ class OnlineFeatures:
             cached.update(self._fetch(key, missing))
             if len(cached) > MAX_CACHED:
                 self._rows[key] = {}
-        names = self.names[key]
-        blank = (None,) * len(names)
-        records = [cached[i] or blank for i in ids]
-        return pd.DataFrame.from_records(records, columns=names), [cached[i] is not None
-                                                                    for i in ids]
+        rows = [cached[i] for i in ids]
+        known = np.array([r is not None for r in rows])
+        blank = np.full(self.kinds[key][2], np.nan)
+        return np.stack([blank if r is None else r for r in rows]), known
 
-    def _fetch(self, key: str, ids: list[int]) -> dict[int, tuple | None]:
+    def _fetch(self, key: str, ids: list[int]) -> dict[int, np.ndarray | None]:
+        refs, encode, _ = self.kinds[key]
         try:
             got = self.store.get_online_features(
-                features=self.refs[key], entity_rows=[{key: i} for i in ids]).to_dict()
+                features=refs, entity_rows=[{key: i} for i in ids]).to_dict()
         except Exception as exc:  # each backend raises its own types (sqlite3, redis, ...)
             raise OnlineStoreUnavailable(f"online store read failed: "
                                          f"{type(exc).__name__}: {exc}") from exc
-        columns = [got[n] for n in self.names[key]]
-        return {i: (None if all(v is None for v in vals) else vals)
-                for i, vals in zip(ids, zip(*columns))}
+        names = [r.split(":", 1)[1] for r in refs]
+        rows = pd.DataFrame({n: got[n] for n in names})
+        # Feast returns an all-null row for an id it does not know
+        known = rows.notna().any(axis=1).to_numpy() if names else np.zeros(len(ids), bool)
+        encoded = encode(rows)
+        return {i: (encoded[j] if known[j] else None) for j, i in enumerate(ids)}
 
 
 def _local_registry(store) -> Path | None:

@@ -13,14 +13,14 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def start_service(repo, model, timeout: float = 120) -> tuple[subprocess.Popen, str]:
+def start_service(repo, model, *args: str, timeout: float = 120) -> tuple[subprocess.Popen, str]:
     """(process, base URL); the process leads its own group, so os.killpg stops it all."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen(
         [sys.executable, "-m", "ranking_service", "--repo", str(repo), "--model", str(model),
-         "--host", "127.0.0.1", "--port", str(port)],
+         "--host", "127.0.0.1", "--port", str(port), *args],
         cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, start_new_session=True,
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"

@@ -108,35 +108,78 @@ def test_scores_equal_the_offline_model_on_point_in_time_rows(trained, client, c
         assert it["score"] == pytest.approx(float(offline[it["item_id"]]), abs=1e-6)
 
 
-def test_cache_refreshes_after_a_new_materialization(trained, candidates, tmp_path):
+def materialize_reset_item_stats(repo: Path, items: list[int]) -> None:
+    """A newer item_stats row for every item: no ratings at all (as after a data reset)."""
     from feast import FeatureStore
-    repo = tmp_path / "repo"
-    shutil.copytree(trained["repo"], repo)
-    app_client = TestClient(create_app(str(repo), str(trained["model"])))
-    request = {"user_id": USER, "item_ids": candidates}
-    before = {it["item_id"]: it["score"] for it in app_client.post("/rank", json=request).json()["items"]}
-    # a newer item_stats row for every candidate: no ratings at all (as after a data reset)
     now = pd.Timestamp.now(tz="UTC").floor("s")
-    stats = pd.DataFrame({"item_id": candidates, "event_timestamp": now,
+    stats = pd.DataFrame({"item_id": items, "event_timestamp": now,
                           "item_n_ratings": 0, "item_mean_rating": np.nan})
     stats.to_parquet(repo / "data" / "item_stats" / "part-zz-reset.parquet", index=False)
     time.sleep(0.01)
     FeatureStore(repo_path=str(repo)).materialize(
         now.to_pydatetime() - pd.Timedelta(seconds=1), datetime.now(timezone.utc),
         feature_views=["item_stats"])
-    after = {it["item_id"]: it["score"] for it in app_client.post("/rank", json=request).json()["items"]}
-    # the served scores are now those of the fresh online rows ...
-    ranker = ranker_model.load(trained["model"])
+
+
+def online_scores(repo: Path, model: Path, items: list[int]) -> dict[int, float]:
+    """What the model gives the online store's current rows, scored offline."""
+    from feast import FeatureStore
+    ranker = ranker_model.load(model)
     fs = ranker.features
     rows = FeatureStore(repo_path=str(repo)).get_online_features(
         features=fs.item_refs() + fs.user_refs(),
-        entity_rows=[{"user_id": USER, "item_id": i} for i in candidates]).to_df()
-    assert (rows["item_n_ratings"] == 0).all()
-    fresh = dict(zip(rows["item_id"], ranker.predict(fs.matrix(rows))))
+        entity_rows=[{"user_id": USER, "item_id": i} for i in items]).to_df()
+    return dict(zip(rows["item_id"], map(float, ranker.predict(fs.matrix(rows)))))
+
+
+def test_cache_refreshes_after_a_new_materialization(trained, candidates, tmp_path):
+    repo = tmp_path / "repo"
+    shutil.copytree(trained["repo"], repo)
+    app_client = TestClient(create_app(str(repo), str(trained["model"])))
+    request = {"user_id": USER, "item_ids": candidates}
+    before = {it["item_id"]: it["score"] for it in app_client.post("/rank", json=request).json()["items"]}
+    materialize_reset_item_stats(repo, candidates)
+    after = {it["item_id"]: it["score"] for it in app_client.post("/rank", json=request).json()["items"]}
+    # the served scores are now those of the fresh online rows ...
+    fresh = online_scores(repo, trained["model"], candidates)
     for i in candidates:
-        assert after[i] == pytest.approx(float(fresh[i]), abs=1e-6)
+        assert after[i] == pytest.approx(fresh[i], abs=1e-6)
     # ... which differ from the cached ones served before
     assert any(abs(after[i] - before[i]) > 1e-6 for i in candidates)
+
+
+def test_every_worker_serves_and_refreshes_its_own_cache(trained, candidates, tmp_path):
+    """`--workers 2`: two processes, each with its own cache, each dropping it when the
+    registry changes. A fresh connection lands on either worker; /health says which."""
+    repo = tmp_path / "repo"
+    shutil.copytree(trained["repo"], repo)
+    request = {"user_id": USER, "item_ids": candidates}
+
+    def by_worker(n: int) -> dict[int, list[dict[int, float]]]:
+        seen: dict[int, list[dict[int, float]]] = {}
+        for _ in range(n):
+            with httpx.Client(base_url=url, timeout=30) as c:  # one connection, one worker
+                pid = c.get("/health").json()["pid"]
+                items = c.post("/rank", json=request).json()["items"]
+            seen.setdefault(pid, []).append({it["item_id"]: it["score"] for it in items})
+        return seen
+
+    proc, url = start_service(repo, trained["model"], "--workers", "2")
+    try:
+        before = by_worker(30)
+        assert len(before) == 2, f"30 connections reached only workers {sorted(before)}"
+        materialize_reset_item_stats(repo, candidates)
+        after = by_worker(30)
+        fresh = online_scores(repo, trained["model"], candidates)
+        assert set(after) == set(before)
+        for pid, answers in after.items():
+            for scores in answers:
+                assert scores == pytest.approx(fresh, abs=1e-6), f"worker {pid} served stale scores"
+        old = before[next(iter(before))][0]
+        assert any(abs(old[i] - fresh[i]) > 1e-6 for i in candidates)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 def test_unreachable_online_store_is_a_503(trained, candidates, tmp_path):
