@@ -10,7 +10,8 @@ setup(
     package_data={"expectations": ["suites/*.json"]},
     install_requires=[
         "pyspark[connect]==4.3.0",  # connect extras: GE imports pyspark.sql.connect
-        "feast==0.67.0",
+        "feast[duckdb]==0.67.0",  # DuckDB offline store: point-in-time joins for training
+        "duckdb>=1.4,<2",  # 2.0 prints nanobind "leaked" warnings at every exit
         "great-expectations==1.24.1",
         "xgboost==3.2.0",
         "pyarrow==26.0.1",

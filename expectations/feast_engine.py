@@ -31,6 +31,15 @@ from udfs.spec import load_spec
 ENGINE_TYPE = "expectations.feast_engine.GatedComputeEngine"
 
 
+def _unreadable_errors() -> tuple[type[BaseException], ...]:
+    """What reading a missing source raises: the file store an OSError, DuckDB its own."""
+    try:
+        import duckdb
+        return FileNotFoundError, OSError, duckdb.IOException
+    except ImportError:
+        return FileNotFoundError, OSError
+
+
 class GatedComputeEngineConfig(FeastConfigBaseModel):
     """`batch_engine:` keys; relative paths are resolved against the feature repo."""
     type: Literal["expectations.feast_engine.GatedComputeEngine"] = ENGINE_TYPE
@@ -109,16 +118,16 @@ class GatedComputeEngine(LocalComputeEngine):
         """The rows this task would write: the latest per entity within the task's window."""
         view = task.feature_view
         source = view.batch_source
-        job = self.offline_store.pull_latest_from_table_or_query(
-            config=self.repo_config, data_source=source,
-            join_key_columns=[c.name for c in view.entity_columns],
-            feature_name_columns=[f.name for f in view.features],
-            timestamp_field=source.timestamp_field,
-            created_timestamp_column=source.created_timestamp_column,
-            start_date=task.start_time, end_date=task.end_time)
-        try:
+        try:  # the file store reads in to_df(), DuckDB already in the pull
+            job = self.offline_store.pull_latest_from_table_or_query(
+                config=self.repo_config, data_source=source,
+                join_key_columns=[c.name for c in view.entity_columns],
+                feature_name_columns=[f.name for f in view.features],
+                timestamp_field=source.timestamp_field,
+                created_timestamp_column=source.created_timestamp_column,
+                start_date=task.start_time, end_date=task.end_time)
             return job.to_df().rename(columns=source.field_mapping or {})
-        except (FileNotFoundError, OSError) as exc:
+        except _unreadable_errors() as exc:
             where = getattr(source, "path", None) or source.name
             raise SourceUnreadable(
                 f"feature view {view.name!r}: cannot read its source {where!r} "

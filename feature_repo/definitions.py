@@ -6,17 +6,34 @@ Annotation rows are stamped with when the item became available (event_timestamp
 they were annotated (created_timestamp): re-annotation never moves a feature back in time, and
 Feast keeps the newest annotation.
 """
+import logging
 import os
 from datetime import timedelta
+from pathlib import Path
 
 from feast import Entity, FeatureService, FeatureView, Field, FileSource
+from feast.data_format import ParquetFormat
 from feast.types import Array, Float64, Int64, String
 from feast.value_type import ValueType
 
 # Where the jobs write the tables, and which offline store reads them: the embedded default
-# reads data/ with the file store; production (feature_store.production.yaml) sets
+# reads this repo's data/ with DuckDB; production (feature_store.production.yaml) sets
 # ANNOFEAT_OFFLINE_STORE=spark and ANNOFEAT_FEATURE_DATA=s3a://bucket/features (or hdfs://...).
-DATA = os.environ.get("ANNOFEAT_FEATURE_DATA", "data")
+# The default is absolute because DuckDB resolves a relative path against the working
+# directory, not the repo; so a copied repo needs its own `feast apply`.
+DATA = os.environ.get("ANNOFEAT_FEATURE_DATA", str(Path(__file__).resolve().parent / "data"))
+
+
+class _GlobPathCheck(logging.Filter):
+    """`feast apply` checks that a FileSource path exists without expanding globs, and warns
+    that ours (`<table>/*.parquet`) do not; DuckDB reads them fine."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.getMessage().startswith("Could not validate FileSource path")
+                    and "/*.parquet" in record.getMessage())
+
+
+logging.getLogger("feast.infra.offline_stores.file_source").addFilter(_GlobPathCheck())
 
 
 def parquet_source(name: str, table: str, **kwargs):
@@ -24,7 +41,9 @@ def parquet_source(name: str, table: str, **kwargs):
         from feast.infra.offline_stores.contrib.spark_offline_store.spark_source import (
             SparkSource)
         return SparkSource(name=name, path=f"{DATA}/{table}", file_format="parquet", **kwargs)
-    return FileSource(name=name, path=f"{DATA}/{table}", **kwargs)
+    # a table is a directory of part files (Spark's layout); DuckDB reads them by glob
+    return FileSource(name=name, path=f"{DATA}/{table}/*.parquet", file_format=ParquetFormat(),
+                      **kwargs)
 
 
 item = Entity(name="item", join_keys=["item_id"], value_type=ValueType.INT64,

@@ -214,9 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-buckets", type=int, default=32)
     p.add_argument("--share-attribute", default="vibe")
     p.add_argument("--test-fraction", type=float, default=0.2)
-    p.add_argument("--max-users", type=int, default=100,
-                   help="sample this many users (0: all); Feast's file offline store needs "
-                        "minutes for the full demo log, see docs/RANKER.md")
+    p.add_argument("--max-users", type=int, default=0,
+                   help="train on a sample of this many users (default 0: all)")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)

@@ -167,7 +167,8 @@ def test_missing_table_is_one_clear_error(tmp_path):
     proc = feast(repo, "materialize", *WINDOW)
     assert proc.returncode == 1
     assert "Traceback" not in proc.stderr
-    assert "feature view 'item_stats': cannot read its source 'data/item_stats'" in proc.stderr
+    assert (f"feature view 'item_stats': cannot read its source "
+            f"'{repo / 'data' / 'item_stats'}/*.parquet'") in proc.stderr
     store = FeatureStore(repo_path=str(repo))
     served = store.get_online_features(features=["item_annotations:vibe_label"],
                                        entity_rows=[{"item_id": 1}]).to_dict()

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -16,7 +15,7 @@ import yaml
 
 from tests.redis_server import start_redis
 from tests.service_process import start_service
-from tests.test_train_ranker import build_repo, _built
+from tests.test_train_ranker import _built, build_repo, copy_repo
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -27,7 +26,7 @@ def service(tmp_path_factory):
     base = tmp_path_factory.mktemp("svc_redis")
     build_repo(tmp_path_factory.mktemp("ranker"))
     repo = base / "feature_repo"
-    shutil.copytree(_built["repo"], repo, ignore=shutil.ignore_patterns("online_store.db"))
+    copy_repo(_built["repo"], repo, materialize=False)  # into Redis, below
     rdir = base / "redis"
     rdir.mkdir()
     server, proc = start_redis(rdir)

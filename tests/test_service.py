@@ -19,7 +19,7 @@ from fastapi.testclient import TestClient
 from ranking_service import model as ranker_model
 from ranking_service.app import MAX_CANDIDATES, create_app
 from tests.service_process import start_service
-from tests.test_train_ranker import build_repo
+from tests.test_train_ranker import build_repo, copy_repo
 
 ROOT = Path(__file__).resolve().parent.parent
 USER = 7
@@ -134,7 +134,7 @@ def online_scores(repo: Path, model: Path, items: list[int]) -> dict[int, float]
 
 def test_cache_refreshes_after_a_new_materialization(trained, candidates, tmp_path):
     repo = tmp_path / "repo"
-    shutil.copytree(trained["repo"], repo)
+    copy_repo(trained["repo"], repo)
     app_client = TestClient(create_app(str(repo), str(trained["model"])))
     request = {"user_id": USER, "item_ids": candidates}
     before = {it["item_id"]: it["score"] for it in app_client.post("/rank", json=request).json()["items"]}
@@ -152,7 +152,7 @@ def test_every_worker_serves_and_refreshes_its_own_cache(trained, candidates, tm
     """`--workers 2`: two processes, each with its own cache, each dropping it when the
     registry changes. A fresh connection lands on either worker; /health says which."""
     repo = tmp_path / "repo"
-    shutil.copytree(trained["repo"], repo)
+    copy_repo(trained["repo"], repo)
     request = {"user_id": USER, "item_ids": candidates}
 
     def by_worker(n: int) -> dict[int, list[dict[int, float]]]:
@@ -160,7 +160,9 @@ def test_every_worker_serves_and_refreshes_its_own_cache(trained, candidates, tm
         for _ in range(n):
             with httpx.Client(base_url=url, timeout=30) as c:  # one connection, one worker
                 pid = c.get("/health").json()["pid"]
-                items = c.post("/rank", json=request).json()["items"]
+                r = c.post("/rank", json=request)
+                assert r.status_code == 200, f"worker {pid}: {r.status_code} {r.text}"
+                items = r.json()["items"]
             seen.setdefault(pid, []).append({it["item_id"]: it["score"] for it in items})
         return seen
 
@@ -184,7 +186,7 @@ def test_every_worker_serves_and_refreshes_its_own_cache(trained, candidates, tm
 
 def test_unreachable_online_store_is_a_503(trained, candidates, tmp_path):
     repo = tmp_path / "repo"
-    shutil.copytree(trained["repo"], repo)
+    copy_repo(trained["repo"], repo)
     config = yaml.safe_load((repo / "feature_store.yaml").read_text())
     config["online_store"] = {"type": "redis",
                               "connection_string": f"127.0.0.1:{free_port()}"}  # nobody listens

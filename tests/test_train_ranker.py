@@ -93,6 +93,24 @@ def _relabel_midway(ann: pd.DataFrame, ratings: pd.DataFrame) -> pd.DataFrame:
     return pd.concat([ann[~first], failed, fixed], ignore_index=True)
 
 
+def feast_apply(repo: Path) -> None:
+    feast = Path(sys.executable).parent / "feast"
+    subprocess.run([str(feast), "apply"], cwd=repo, check=True, capture_output=True)
+
+
+def copy_repo(src: Path, dst: Path, materialize: bool = True) -> Path:
+    """A built repo copied with its data but not its registry or online store, then applied
+    (and materialized) afresh: the sources are absolute paths, and applying a copied
+    registry would also drop the original's online tables (Feast's infra diff)."""
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("registry.db", "online_store.db"))
+    feast_apply(dst)
+    if materialize:
+        from feast import FeatureStore
+        FeatureStore(repo_path=str(dst)).materialize(
+            datetime(1990, 1, 1, tzinfo=timezone.utc), datetime.now(timezone.utc))
+    return dst
+
+
 def build_repo(root: Path) -> Path:
     """A materialized small Feast repo and a model trained on it (built once per session)."""
     if "repo" in _built:
@@ -113,8 +131,7 @@ def build_repo(root: Path) -> Path:
     assert build_features.main(["--ratings", str(root / "ratings.csv"), "--annotations",
                                 str(data / "item_annotations"), "--out", str(data),
                                 "--spec", str(SPEC_PATH)]) == 0
-    feast = Path(sys.executable).parent / "feast"
-    subprocess.run([str(feast), "apply"], cwd=repo, check=True, capture_output=True)
+    feast_apply(repo)
     from feast import FeatureStore
     FeatureStore(repo_path=str(repo)).materialize(
         datetime(1990, 1, 1, tzinfo=timezone.utc), datetime.now(timezone.utc))
@@ -162,7 +179,8 @@ def test_historical_features_are_as_of_each_interaction(trained):
     rows = train_ranker.historical_features(FeatureStore(repo_path=str(trained["repo"])),
                                             entity, fs)
     assert len(rows) == len(entity)  # no interaction dropped by the join
-    ts = rows["event_timestamp"].astype("int64") // 10**9
+    # whole seconds since the epoch, whatever unit the offline store returns
+    ts = (rows["event_timestamp"] - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(seconds=1)
     # stats: strictly earlier interactions only, brute force per row
     for row, t in zip(rows.itertuples(), ts):
         assert row.item_n_ratings == ((ratings["item_id"] == row.item_id) & (ratings["ts"] < t)).sum()
