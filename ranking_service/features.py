@@ -113,8 +113,10 @@ class FeatureSet:
 
     @cached_property
     def item_columns(self) -> list[str]:
-        """Columns of the item block: every item-side model input, labels as codes."""
-        return [c for c in self.columns if c not in USER_BASELINE and not c.startswith("user_")]
+        """Columns of the item block: every model input but the user stats and the cross
+        feature (which `assemble` computes), labels as codes."""
+        not_items = {*USER_BASELINE, f"user_share_{self.share_attribute}"}
+        return [c for c in self.columns if c not in not_items]
 
     @cached_property
     def user_columns(self) -> list[str]:

@@ -185,3 +185,23 @@ def test_model_round_trip_and_mismatch_is_refused(tmp_path):
         ranker_model.load(tmp_path / "m")
     with pytest.raises(ranker_model.ModelError, match="not a ranker directory"):
         ranker_model.load(tmp_path / "nowhere")
+
+
+def test_blocks_split_by_side_not_by_name():
+    """An attribute may be named user_...: it is still an item column, and the service's
+    cached blocks assemble to the same matrix as training's."""
+    fs = FeatureSet((("user_intent", ("buy", "browse")),), share_attribute="user_intent",
+                    n_buckets=2, variant="attributes")
+    rows = pd.DataFrame({"item_n_ratings": [1, 2, 3], "item_mean_rating": [4.0, 3.0, None],
+                         "user_n_ratings": [5] * 3, "user_mean_rating": [3.5] * 3,
+                         "user_intent_label": ["browse", None, "buy"],
+                         "user_intent_confidence": [0.9, None, 0.4],
+                         share_column("user_intent", "buy"): [0.25] * 3,
+                         share_column("user_intent", "browse"): [0.75] * 3})
+    assert "user_intent_label" in fs.item_columns
+    m = fs.matrix(rows)
+    assert m["user_intent_label"].tolist()[::2] == ["browse", "buy"]
+    np.testing.assert_array_equal(m["user_share_user_intent"], [0.75, np.nan, 0.25])
+    served = fs.assemble(fs.encode_items(rows), fs.encode_users(rows.iloc[[0]]))
+    np.testing.assert_array_equal(served[:, fs.columns.index("user_share_user_intent")],
+                                  m["user_share_user_intent"])
