@@ -6,9 +6,9 @@
 
 Online features come from Feast, encoded by the same `FeatureSet` code as training and
 cached per entity until the registry changes (see online.py); a request joins the cached
-item and user rows (`FeatureSet.assemble`) and scores all candidates in one XGBoost call. Ids the online store does not know get all-missing features
-(XGBoost routes missing values) and are flagged. Bad requests get 422 with the reason; an
-unreadable online store gets 503.
+item and user rows (`FeatureSet.assemble`) and scores all candidates in one XGBoost call.
+Ids the online store does not know get all-missing features (XGBoost routes missing values)
+and are flagged. Bad requests get 422 with the reason; an unreadable online store gets 503.
 """
 from __future__ import annotations
 
