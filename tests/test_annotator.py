@@ -1,7 +1,9 @@
 import pandas as pd
+import pytest
+import torch
 
 from udfs import annotator
-from udfs.engines.base import Engine, Labels
+from udfs.engines.base import Engine, FatalEngineError, Labels, is_fatal
 from udfs.tokens import bucket_counts, caption_tokens, token_id
 
 
@@ -73,3 +75,98 @@ def test_token_ids_are_stable():
     assert token_id("horror") == token_id("horror")
     assert token_id("horror") != token_id("comedy")
     assert caption_tokens("Dark, dark COMEDY") == [token_id("dark")] * 2 + [token_id("comedy")]
+
+
+class Failing(Engine):
+    """An engine that raises `error` on every batch, counting its calls."""
+    model_name = "failing"
+
+    def __init__(self, error):
+        self.error, self.calls = error, 0
+
+    def classify(self, texts, attribute):
+        self.calls += 1
+        raise self.error
+
+    def caption(self, texts, caption):
+        self.calls += 1
+        raise self.error
+
+
+def dead_engine_error():
+    class EngineDeadError(Exception):  # the name vLLM's vllm/v1/engine/exceptions.py uses
+        pass
+    return EngineDeadError("EngineCore encountered an issue. See stack trace (above) for "
+                           "the root cause.")
+
+
+@pytest.mark.parametrize("error", [
+    pytest.param(lambda: torch.cuda.OutOfMemoryError(
+        "CUDA out of memory. Tried to allocate 2.00 GiB"), id="cuda-oom"),
+    pytest.param(dead_engine_error, id="engine-dead"),
+    pytest.param(lambda: RuntimeError("CUDA error: an illegal memory access was encountered"),
+                 id="cuda-error"),
+    pytest.param(lambda: FatalEngineError("the GPU is gone"), id="declared-fatal"),
+])
+def test_a_fatal_error_fails_the_task_after_one_engine_call(spec, error):
+    engine = Failing(error())
+    texts = pd.Series([f"Movie number {i}" for i in range(32)])
+    with pytest.raises(FatalEngineError, match="fatal engine error|the GPU is gone"):
+        annotator.annotate_texts(engine, spec.attributes["vibe"], texts)
+    assert engine.calls == 1  # not 2n - 1 = 63
+    with pytest.raises(FatalEngineError):
+        annotator.caption_texts(engine, spec.caption, texts)
+    assert engine.calls == 2
+
+
+def test_row_errors_are_not_fatal():
+    from udfs.engines.prompts import MalformedOutput
+    assert not is_fatal(RuntimeError("engine choked on this input"))
+    assert not is_fatal(MalformedOutput("model answered 'CUDA error', not a label"))
+    assert is_fatal(ValueError("wrapped")) is False
+    try:
+        try:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        except Exception as exc:
+            raise RuntimeError("batch failed") from exc
+    except RuntimeError as wrapped:
+        assert is_fatal(wrapped)  # whatever it was raised from
+
+
+def test_bisection_is_bounded_when_most_of_a_batch_fails(spec):
+    engine = Failing(RuntimeError("engine choked on this input"))
+    n = 64
+    out = annotator.annotate_texts(engine, spec.attributes["vibe"],
+                                   pd.Series([f"Movie number {i}" for i in range(n)]))
+    assert engine.calls <= annotator.bisection_budget(n) < 2 * n - 1
+    assert out["error"].notna().all() and out["label"].isna().all()
+    assert out["error"].str.contains("engine choked on this input").all()
+    assert out["error"].str.contains("not isolated").any()
+
+
+def test_bisection_still_isolates_a_few_bad_rows(embedding_engine, spec):
+    poison = {"Movie number 3", "Movie number 40", "Movie number 41", "Movie number 60"}
+    engine = CountingEngine(embedding_engine, poison=poison)
+    texts = pd.Series([f"Movie number {i}" for i in range(64)])
+    out = annotator.annotate_texts(engine, spec.attributes["vibe"], texts)
+    assert out["error"].notna().tolist() == [t in poison for t in texts]
+    assert not out["error"].str.contains("not isolated").any()
+    assert len(engine.seen) <= annotator.bisection_budget(64)
+
+
+def test_a_fatal_error_fails_the_spark_task_with_one_engine_call(spark, spec, tmp_path):
+    """Through Spark: the task fails (Spark would retry it elsewhere) after one engine call,
+    instead of succeeding with every row in error after about 2n calls."""
+    import udfs
+    from pyspark.errors import PythonException
+
+    calls = tmp_path / "calls.txt"
+    udfs.register(spark, spec, engine={"type": "tests.faulty_engines:OutOfMemory",
+                                       "calls_file": str(calls)}, prefix="oom_")
+    items = pd.DataFrame({"item_id": range(40), "title": [f"Movie {i}" for i in range(40)],
+                          "description": ["Genres: Drama"] * 40})
+    spark.createDataFrame(items).coalesce(1).createOrReplaceTempView("oom_items")
+    with pytest.raises(PythonException, match="FatalEngineError.*CUDA out of memory"):
+        spark.sql("SELECT item_id, oom_annotate_all(title, description) AS a "
+                  "FROM oom_items").collect()
+    assert len(calls.read_text().splitlines()) == 1

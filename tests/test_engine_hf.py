@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 import udfs
-from tests.tiny_llm import tiny_llm_dir  # noqa: F401 - session fixture
+from tests.tiny_llm import build_tiny_llm, tiny_llm_dir  # noqa: F401 - session fixture
 from udfs.engines import build_engine
 from udfs.engines.hf import TransformersEngine, label_probabilities
 
@@ -124,3 +124,27 @@ def test_runs_inside_spark_sql(spark, spec, tiny_llm_dir):
     assert all(isinstance(caps[i]["caption"], str) and caps[i]["error"] is None
                for i in (1, 2, 5))
     assert caps[3]["caption"] is None and caps[3]["error"]
+
+
+@pytest.fixture(scope="module")
+def sentencepiece_llm(tmp_path_factory):
+    return build_tiny_llm(tmp_path_factory.mktemp("tiny_unigram"), family="unigram",
+                          max_token_length=4)
+
+
+def test_labels_are_scored_as_tokenised_in_context(sentencepiece_llm, spec):
+    """A SentencePiece tokenizer writes " dark" alone as "▁▁dark" but after the prompt as
+    "▁dark": the label is scored as the model sees it after the prompt."""
+    import torch
+
+    eng = TransformersEngine(str(sentencepiece_llm))
+    tok, attribute = eng.tokenizer, spec.attributes["vibe"]
+    prompt = attribute.render("Heat (1995)")
+    context, full = tok(prompt).input_ids, tok(prompt + " dark").input_ids
+    assert full[:len(context)] == context
+    assert full[len(context):] != tok(" dark", add_special_tokens=False).input_ids
+    with torch.inference_mode():  # one unpadded forward pass over prompt + label
+        logp = eng.model(input_ids=torch.tensor([full])).logits[0].float().log_softmax(-1)
+    expected = sum(float(logp[i - 1, full[i]]) for i in range(len(context), len(full)))
+    got = eng.label_loglik(["Heat (1995)"], attribute)[0, attribute.labels.index("dark")]
+    assert got == pytest.approx(expected, abs=1e-4)

@@ -1,68 +1,37 @@
 """The OpenAI-compatible engine against a real HTTP server on 127.0.0.1 that misbehaves.
 
-The server is a small deterministic "model": each choice c gets a weight w_c from a hash of the
-prompt, answers are spelled in 3-character tokens, and at every step half the probability mass
-goes to the grammar-allowed next tokens (in proportion to the weights of the choices behind
-them) and half to an off-grammar token. The true constrained probability of a label is then
-w_label / sum(w), which the engine must recover from the logprobs alone.
+The server answers like `vllm serve`: label-scoring requests (vLLM's `prompt_logprobs` and
+`return_token_ids` extensions) are answered by the vLLM stand-in of tests/vllm_double.py,
+which runs the tiny Llama of tests/tiny_llm.py, and serialised the way vLLM's server does
+(prompt_logprobs: None, then {token id as a JSON string: {logprob, rank, decoded_token}} per
+position). The engine's confidences must therefore be the transformers engine's label
+probabilities for the same model. Captions come from a cheap deterministic rule.
 Markers in the item text make it misbehave: [flaky:K] 500 once, [busy:K] 429 once, [down]
-always 500, [slow] answers after the client timeout, [offlabel] answers outside the labels,
-[nospace] answers a label but not as offered (" " + label), [garbage] sends invalid JSON,
-[nologprobs] omits logprobs, [bad] is a 400.
+always 500, [slow] answers after the client timeout, [garbage] sends invalid JSON,
+[nologprobs] omits prompt_logprobs, [gap] drops the prompt token from one position, [noids]
+omits prompt_token_ids (an older server), [bad] is a 400.
 """
 from __future__ import annotations
 
-import hashlib
 import json
-import math
 import re
 import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import numpy as np
 import pandas as pd
 import pytest
 
+from tests import vllm_double
 from udfs.annotator import annotate_texts, caption_texts
 from udfs.engines import build_engine
-from udfs.engines.openai import RequestFailed, parse_choice_reply
-from udfs.engines.prompts import MalformedOutput
+from udfs.engines.hf import TransformersEngine
+from udfs.engines.openai import RequestFailed, parse_prompt_logprobs
+from udfs.engines.prompts import MalformedOutput, label_probabilities
 
-OFF_GRAMMAR = "!?"
 SLOW_S = 1.0
-
-
-def weights(prompt: str, options: list[str]) -> dict[str, float]:
-    return {c: 1 + int(hashlib.sha256((prompt + c).encode()).hexdigest()[:6], 16) % 997
-            for c in options}
-
-
-def chunks(s: str) -> list[str]:
-    return [s[i:i + 3] for i in range(0, len(s), 3)]
-
-
-def choice_reply(prompt: str, options: list[str], chosen: str | None = None) -> dict:
-    """The completion reply of the fake model, choosing the heaviest option unless told."""
-    w = weights(prompt, options)
-    chosen = chosen or max(options, key=w.get)
-    tokens, token_lps, tops, prefix = [], [], [], ""
-    for tok in chunks(chosen):
-        alive = [c for c in options if c.startswith(prefix)]
-        total = sum(w[c] for c in alive)
-        probs = {OFF_GRAMMAR: 0.5}
-        for c in alive:
-            nxt = c[len(prefix):len(prefix) + 3]
-            probs[nxt] = probs.get(nxt, 0.0) + 0.5 * w[c] / total
-        top = {t: math.log(p) for t, p in probs.items()}
-        tokens.append(tok)
-        token_lps.append(top[tok])
-        tops.append(top)
-        prefix += tok
-    return {"id": "cmpl-1", "object": "text_completion",
-            "choices": [{"index": 0, "text": chosen, "finish_reason": "stop",
-                         "logprobs": {"tokens": tokens, "token_logprobs": token_lps,
-                                      "top_logprobs": tops, "text_offset": []}}]}
 
 
 def caption_text(prompt: str, max_tokens: int) -> str:
@@ -70,9 +39,18 @@ def caption_text(prompt: str, max_tokens: int) -> str:
     return " " + " ".join(words[-max_tokens:]) + "  "
 
 
+def serialise_prompt_logprobs(positions) -> list:
+    """vLLM's server: dict[int, Logprob] per position, as JSON (keys become strings)."""
+    return [None if p is None else
+            {str(i): {"logprob": lp.logprob, "rank": lp.rank, "decoded_token": lp.decoded_token}
+             for i, lp in p.items()} for p in positions]
+
+
 class FakeServer:
-    def __init__(self):
+    def __init__(self, model_dir):
         self.lock = threading.Lock()
+        self.model_lock = threading.Lock()
+        self.llm = vllm_double.LLM(str(model_dir))
         self.reset()
 
     def reset(self, delay: float = 0.0) -> None:
@@ -105,17 +83,25 @@ class FakeServer:
             time.sleep(SLOW_S)
         if "[garbage]" in prompt:
             return 200, b"{not json"
-        structured = body.get("structured_outputs")
-        if structured:
-            options = structured["choice"]
-            if "[offlabel]" in prompt:
-                reply = choice_reply(prompt, [" popcorn"])
-            elif "[nospace]" in prompt:  # a label, but not as offered
-                reply = choice_reply(prompt, [o.strip() for o in options])
-            else:
-                reply = choice_reply(prompt, options)
+        if body.get("prompt_logprobs") is not None:
+            params = vllm_double.SamplingParams(
+                temperature=body["temperature"], max_tokens=body["max_tokens"],
+                prompt_logprobs=body["prompt_logprobs"])
+            with self.model_lock:
+                (out,) = self.llm.generate([prompt], params, use_tqdm=False)
+            choice = {"index": 0, "text": out.outputs[0].text, "logprobs": None,
+                      "finish_reason": out.outputs[0].finish_reason,
+                      "prompt_logprobs": serialise_prompt_logprobs(out.prompt_logprobs)}
+            if body.get("return_token_ids") and "[noids]" not in prompt:
+                choice["prompt_token_ids"] = out.prompt_token_ids
+                choice["token_ids"] = out.outputs[0].token_ids
             if "[nologprobs]" in prompt:
-                reply["choices"][0]["logprobs"] = None
+                choice["prompt_logprobs"] = None
+            if "[gap]" in prompt:
+                position = choice["prompt_logprobs"][-1]
+                position.pop(str(out.prompt_token_ids[-1]))
+                position["7"] = {"logprob": -0.1, "rank": 1, "decoded_token": "x"}
+            reply = {"id": "cmpl-1", "object": "text_completion", "choices": [choice]}
         else:
             reply = {"choices": [{"index": 0, "finish_reason": "length",
                                   "text": caption_text(prompt, body["max_tokens"])}]}
@@ -123,8 +109,8 @@ class FakeServer:
 
 
 @pytest.fixture(scope="module")
-def server():
-    fake = FakeServer()
+def server(tiny_llm_dir):
+    fake = FakeServer(tiny_llm_dir)
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -163,6 +149,7 @@ def server():
     yield fake
     httpd.shutdown()
     httpd.server_close()
+    fake.llm.llm_engine.engine_core.shutdown()
 
 
 def make_engine(server, **options):
@@ -179,34 +166,54 @@ def engine(server):
     eng.close()
 
 
-TEXTS = [f"Movie number {i}. Genres: Drama" for i in range(10)]
+TEXTS = [f"Movie number {i}. Genres: Drama" for i in range(6)]
 
 
-def test_classify_recovers_labels_and_true_probabilities(engine, server, spec):
-    attribute = spec.attributes["vibe"]
-    out = engine.classify(TEXTS, attribute)
-    options = [" " + lab for lab in attribute.labels]
-    for text, label, conf in zip(TEXTS, out.labels, out.confidences):
-        w = weights(attribute.render(text), options)
-        assert " " + label == max(options, key=w.get)
-        assert conf == pytest.approx(w[" " + label] / sum(w.values()), rel=1e-9)
+@pytest.fixture(scope="module")
+def reference(tiny_llm_dir):
+    eng = TransformersEngine(str(tiny_llm_dir), batch_size=8)
+    yield eng
+    eng.close()
+
+
+def expected_probabilities(reference, texts, attribute) -> np.ndarray:
+    return label_probabilities(reference.label_loglik(texts, attribute))
+
+
+def test_confidences_are_the_transformers_label_probabilities(engine, server, spec, reference):
+    for attribute in spec.attributes.values():
+        out = engine.classify(TEXTS, attribute)
+        expected = expected_probabilities(reference, TEXTS, attribute)
+        assert out.labels == [attribute.labels[i] for i in expected.argmax(axis=1)]
+        np.testing.assert_allclose(out.confidences, expected.max(axis=1), atol=1e-5)
     body = server.requests[0]
-    assert body["model"] == "tiny" and body["temperature"] == 0.0
-    assert body["structured_outputs"] == {"choice": options}
-    assert body["logprobs"] == 20 and body["max_tokens"] >= max(map(len, options))
+    attribute = spec.attributes["vibe"]
+    assert body["model"] == "tiny" and body["temperature"] == 0.0 and body["max_tokens"] == 1
+    assert body["prompt_logprobs"] == 0 and body["return_token_ids"] is True
+    assert "structured_outputs" not in body and "logprobs" not in body
+    assert {r["prompt"] for r in server.requests[:len(TEXTS) * len(attribute.labels)]} == {
+        f"{attribute.render(t)} {label}" for t in TEXTS for label in attribute.labels}
     assert server.headers[0]["Authorization"] == "Bearer sk-test"
     assert engine.model_name == "openai:tiny"
 
 
-def test_confidences_over_all_labels_sum_to_one(spec):
-    """Forcing each label in turn: the renormalised probabilities form a distribution."""
-    attribute = spec.attributes["vibe"]  # 'thrilling' and 'thoughtful' share a first token
-    options = [" " + lab for lab in attribute.labels]
-    prompt = attribute.render(TEXTS[0])
-    probs = [parse_choice_reply(choice_reply(prompt, options, chosen=c), attribute)[1]
-             for c in options]
-    assert sum(probs) == pytest.approx(1.0, rel=1e-9)
-    assert all(0 < p < 1 for p in probs)
+def test_a_server_without_token_ids_gives_the_same_answer(engine, spec, reference):
+    attribute = spec.attributes["audience"]
+    texts = [f"{t} [noids]" for t in TEXTS[:3]]
+    out = engine.classify(texts, attribute)
+    expected = expected_probabilities(reference, texts, attribute)
+    np.testing.assert_allclose(out.confidences, expected.max(axis=1), atol=1e-5)
+
+
+def test_parse_prompt_logprobs_reads_by_id():
+    reply = {"choices": [{"text": "x", "prompt_token_ids": [1, 5, 9],
+                          "prompt_logprobs": [None, {"5": {"logprob": -2.0, "rank": 4},
+                                                     "3": {"logprob": -0.5, "rank": 1}},
+                                              {"9": {"logprob": -1.0, "rank": 1}}]}]}
+    assert parse_prompt_logprobs(reply) == [(1, None), (5, -2.0), (9, -1.0)]
+    reply["choices"][0]["prompt_logprobs"][2] = {"3": {"logprob": -0.1, "rank": 1}}
+    with pytest.raises(MalformedOutput, match="no logprob for prompt token 9"):
+        parse_prompt_logprobs(reply)
 
 
 def test_captions(engine, server, spec):
@@ -221,7 +228,8 @@ def test_transient_errors_are_retried(engine, server, spec, marker):
     attribute = spec.attributes["audience"]
     out = engine.classify([f"Heat {marker}", "Up"], attribute)
     assert set(out.labels) <= set(attribute.labels)
-    assert server.count(marker) == 2  # one failure, one retry that succeeded
+    # per label request: one failure, one retry that succeeded
+    assert server.count(marker) == 2 * len(attribute.labels)
 
 
 def test_a_dead_row_fails_alone_after_retries(engine, server, spec):
@@ -235,7 +243,8 @@ def test_a_dead_row_fails_alone_after_retries(engine, server, spec):
     assert ok["error"].isna().all() and ok["label"].isin(attribute.labels).all()
     # every attempt was made, and the rows that succeeded were asked once despite bisection
     assert server.count("[down]") % 3 == 0 and server.count("[down]") >= 3
-    assert all(server.seen[attribute.render(t)] == 1 for t in texts.drop(index=3))
+    assert all(server.seen[f"{attribute.render(t)} {label}"] == 1
+               for t in texts.drop(index=3) for label in attribute.labels)
 
 
 def test_a_request_past_the_timeout_is_a_row_error(server, spec):
@@ -254,17 +263,16 @@ def test_a_request_past_the_timeout_is_a_row_error(server, spec):
 
 
 @pytest.mark.parametrize("marker,error", [
-    ("[offlabel]", "not one of"),
-    ("[nospace]", "offered choices"),
     ("[garbage]", "invalid JSON"),
-    ("[nologprobs]", "no usable logprobs"),
+    ("[nologprobs]", "no prompt_logprobs"),
+    ("[gap]", "no logprob for prompt token"),
     ("[bad]", "HTTP 400"),
 ])
 def test_bad_replies_fail_their_row_without_retries(engine, server, spec, marker, error):
     attribute = spec.attributes["vibe"]
     with pytest.raises((MalformedOutput, RequestFailed), match=re.escape(error)):
         engine.classify([f"Alien {marker}"], attribute)
-    assert server.count(marker) == 1
+    assert server.count(marker) == len(attribute.labels)  # one request per label, no retry
     res = annotate_texts(engine, attribute, pd.Series(["Up", f"Alien {marker}", "Heat"]))
     assert res["error"].notna().tolist() == [False, True, False]
     assert error in res.loc[1, "error"]
@@ -282,11 +290,11 @@ def test_concurrency_is_bounded(server, spec):
     try:
         texts = [f"Film {i}" for i in range(16)]
         t0 = time.monotonic()
-        out = eng.classify(texts, spec.attributes["audience"])
+        out = eng.caption(texts, spec.caption)
         elapsed = time.monotonic() - t0
     finally:
         eng.close()
-    assert len(out.labels) == 16
+    assert len(out) == 16
     assert server.max_in_flight == 4  # never more than asked, and really in parallel
     assert elapsed < 16 * 0.15 / 2  # parallel, not one by one
 

@@ -1,180 +1,224 @@
-"""The vLLM engine's GPU-free logic, fed outputs shaped like vLLM's, and its import guard.
+"""The vLLM engine, driven through what vLLM returns, built from real components.
 
-The fake outputs mirror vllm.outputs.RequestOutput / CompletionOutput and vllm.logprobs.Logprob
-(per generated token: {token_id: Logprob(logprob, rank, decoded_token)}, the sampled token
-always included). They come from a small deterministic "model": each label has a weight w from
-a hash of the prompt, answers are spelled in 3-character tokens, and at each step half the
-probability goes to the tokens the choice grammar allows (in proportion to the weights of the
-labels behind them), half to an off-grammar token. The true probability of a label among the
-labels is then w_label / sum(w).
+vLLM needs a GPU, so `tests/vllm_double.py` stands in for the `vllm` package: it runs a real
+tiny causal LM with transformers and answers LLM.generate the way vLLM does (raw logprobs,
+per-id decoded tokens, prompt logprobs, a choice grammar, an engine-core child process). The
+model is built here twice, around two locally trained tokenizers of different families: a
+byte-level BPE and a SentencePiece-style Unigram with the "▁" marker, whose word-initial
+tokens lose their leading space when vLLM decodes them one by one. The real VLLMEngine code
+runs on top; its confidences must be the transformers engine's label probabilities for the
+same model, prompts and labels.
 """
 from __future__ import annotations
 
-import hashlib
-import math
 import os
+import signal
+import subprocess
 import sys
-from dataclasses import dataclass, field
+import time
+from pathlib import Path
 
+import numpy as np
+import psutil
 import pytest
 
+from tests import vllm_double
+from tests.tiny_llm import build_tiny_llm
 from udfs.engines import build_engine
-from udfs.engines.prompts import MalformedOutput, classify_request
-from udfs.engines.vllm import VLLMEngine, parse_choice, sampling_params
+from udfs.engines.hf import TransformersEngine
+from udfs.engines.prompts import MalformedOutput, label_probabilities
+from udfs.engines.vllm import VLLMEngine, forced_logprob, label_steps
+
+ROOT = Path(__file__).resolve().parents[1]
+TEXTS = [
+    "Alien (1979). Genres: Horror, Sci-Fi",
+    "Toy Story (1995). Genres: Adventure, Animation, Children, Comedy, Fantasy",
+    "Up",
+    "Casablanca (1942). Genres: Drama, Romance, War",
+    "Ω ☃ unusual → text with ümlauts",
+]
+FAMILIES = ["bpe", "unigram"]
 
 
-@dataclass
-class Logprob:
-    logprob: float
-    rank: int | None = None
-    decoded_token: str | None = None
-
-
-@dataclass
-class CompletionOutput:
-    index: int
-    text: str
-    token_ids: list[int]
-    cumulative_logprob: float | None
-    logprobs: list[dict[int, Logprob]] | None
-    finish_reason: str | None = "stop"
-
-
-@dataclass
-class RequestOutput:
-    request_id: str
-    prompt: str
-    outputs: list[CompletionOutput] = field(default_factory=list)
-    finished: bool = True
-
-
-class Vocab(dict):
-    """Token string -> id, growing as tokens are seen."""
-
-    def __missing__(self, token: str) -> int:
-        self[token] = len(self) + 10
-        return self[token]
-
-
-def weights(prompt: str, options: list[str]) -> dict[str, float]:
-    return {c: 1 + int(hashlib.sha256((prompt + c).encode()).hexdigest()[:6], 16) % 997
-            for c in options}
-
-
-def fake_output(prompt: str, options: list[str], chosen: str | None = None,
-                split_ids: bool = False) -> RequestOutput:
-    """What vLLM returns for a constrained choice; split_ids spreads every token's mass
-    over two ids that decode to the same string (as byte-level vocabularies can)."""
-    vocab = Vocab()
-    w = weights(prompt, options)
-    chosen = chosen or max(options, key=w.get)
-    token_ids, steps, prefix, cumulative = [], [], "", 0.0
-    for tok in (chosen[i:i + 3] for i in range(0, len(chosen), 3)):
-        alive = [c for c in options if c.startswith(prefix)]
-        probs = {"!?": 0.5}
-        for c in alive:
-            nxt = c[len(prefix):len(prefix) + 3]
-            probs[nxt] = probs.get(nxt, 0.0) + 0.5 * w[c] / sum(w[a] for a in alive)
-        step = {}
-        for rank, (t, p) in enumerate(sorted(probs.items(), key=lambda kv: -kv[1]), 1):
-            if split_ids:
-                step[vocab[t]] = Logprob(math.log(p * 0.25), rank, t)
-                step[vocab[t + "#alias"]] = Logprob(math.log(p * 0.75), rank, t)
-            else:
-                step[vocab[t]] = Logprob(math.log(p), rank, t)
-        token_ids.append(vocab[tok])
-        steps.append(step)
-        cumulative += step[vocab[tok]].logprob
-        prefix += tok
-    return RequestOutput("0", prompt, [CompletionOutput(0, chosen, token_ids, cumulative, steps)])
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, Path]:
+    # short pieces: labels span several tokens and " thrilling" / " thoughtful" share one
+    return {family: build_tiny_llm(tmp_path_factory.mktemp(f"tiny_{family}"), family=family,
+                                   max_token_length=4) for family in FAMILIES}
 
 
 @pytest.fixture
-def vibe(spec):
-    return spec.attributes["vibe"]
+def vllm(monkeypatch):
+    vllm_double.install(monkeypatch)
+    engines: list[VLLMEngine] = []
+
+    def make(model: Path, **options) -> VLLMEngine:
+        engine = build_engine({"type": "vllm", "model": str(model), **options})
+        engines.append(engine)
+        return engine
+
+    yield make
+    for engine in engines:
+        engine.close()
+    vllm_double.EngineCoreClient.kill_leftovers()
 
 
-def options_of(attribute) -> list[str]:
-    return [" " + lab for lab in attribute.labels]
+def test_the_double_decodes_ids_one_by_one_like_vllm(models, vllm, spec):
+    """Why decoded strings cannot be trusted: vLLM's per-id decoding of a SentencePiece
+    word-initial token drops its leading space, so " dark" never appears as a token text."""
+    engine = vllm(models["unigram"])
+    tokenizer = engine.tokenizer
+    prompt = spec.attributes["vibe"].render("Up")
+    word = tokenizer(prompt + " dark").input_ids[len(tokenizer(prompt).input_ids)]
+    assert tokenizer.convert_ids_to_tokens(word).startswith("▁")
+    params = vllm_double.SamplingParams(temperature=0.0, max_tokens=1, logprobs=0,
+                                        allowed_token_ids=[word])
+    (out,) = engine.llm.generate([{"prompt_token_ids": tokenizer(prompt).input_ids}], params)
+    assert out.outputs[0].logprobs[0][word].decoded_token == tokenizer.decode([word])
+    assert not out.outputs[0].logprobs[0][word].decoded_token.startswith(" ")
 
 
-def test_parse_choice_recovers_label_and_true_probability(vibe):
-    for i in range(8):
-        prompt = vibe.render(f"Movie {i}")
-        w = weights(prompt, options_of(vibe))
-        label, conf = parse_choice(fake_output(prompt, options_of(vibe)), vibe)
-        assert label in vibe.labels and " " + label == max(w, key=w.get)
-        assert conf == pytest.approx(w[" " + label] / sum(w.values()), rel=1e-9)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_confidences_are_the_transformers_label_probabilities(models, vllm, spec, family):
+    engine = vllm(models[family])
+    reference = TransformersEngine(str(models[family]), batch_size=4)
+    try:
+        for attribute in spec.attributes.values():
+            out = engine.classify(TEXTS, attribute)
+            expected = label_probabilities(reference.label_loglik(TEXTS, attribute))
+            assert out.labels == [attribute.labels[i] for i in expected.argmax(axis=1)]
+            np.testing.assert_allclose(out.confidences, expected.max(axis=1), atol=1e-5)
+            # every label's probability, not only the winner's
+            np.testing.assert_allclose(
+                label_probabilities(engine.label_loglik(TEXTS, attribute)), expected, atol=1e-5)
+    finally:
+        reference.close()
 
 
-def test_label_probabilities_sum_to_one_even_with_shared_first_tokens(vibe):
-    # ' thrilling' and ' thoughtful' share their first token ' th'
-    prompt = vibe.render("Heat (1995)")
-    probs = [parse_choice(fake_output(prompt, options_of(vibe), chosen=c), vibe)[1]
-             for c in options_of(vibe)]
-    assert sum(probs) == pytest.approx(1.0, rel=1e-9) and all(0 < p < 1 for p in probs)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_one_generate_call_of_forced_single_tokens(models, vllm, spec, family):
+    engine = vllm(models[family])
+    attribute = spec.attributes["vibe"]
+    engine.classify(TEXTS[:2], attribute)
+    llm = engine.llm
+    assert llm.generate_calls == 1
+    tokenizer = engine.tokenizer
+    for ids, params in llm.requests:
+        assert params.max_tokens == 1 and params.logprobs == 0 and params.temperature == 0.0
+        assert len(params.allowed_token_ids) == 1 and params.detokenize is False
+        assert params.structured_outputs is None
+    # one request per label token, shared prefixes asked once
+    expected = set()
+    for text in TEXTS[:2]:
+        prompt = attribute.render(text)
+        context = tokenizer(prompt).input_ids
+        for label in attribute.labels:
+            full = tokenizer(f"{prompt} {label}").input_ids
+            assert full[:len(context)] == context  # the labels are tokenised in context
+            expected |= {(tuple(full[:i]), full[i]) for i in range(len(context), len(full))}
+    asked = [(tuple(ids), params.allowed_token_ids[0]) for ids, params in llm.requests]
+    assert len(asked) == len(set(asked)) and set(asked) == expected
 
 
-def test_token_ids_decoding_alike_are_merged(vibe):
-    prompt = vibe.render("Alien (1979)")
-    plain = parse_choice(fake_output(prompt, options_of(vibe)), vibe)
-    split = parse_choice(fake_output(prompt, options_of(vibe), split_ids=True), vibe)
-    assert split[0] == plain[0] and split[1] == pytest.approx(plain[1], rel=1e-9)
+def test_label_steps():
+    assert label_steps([1, 2], [[5], [6, 7]]) == [[((1, 2), 5)], [((1, 2), 6), ((1, 2, 6), 7)]]
 
 
-def test_malformed_outputs_raise(vibe):
-    prompt = vibe.render("Up")
-    off = fake_output(prompt, [" popcorn"])
-    with pytest.raises(MalformedOutput, match="not one of"):
-        parse_choice(off, vibe)
-    missing = fake_output(prompt, options_of(vibe))
-    missing.outputs[0].logprobs = None
+def forced_output(token_ids, logprobs):
+    completion = vllm_double.CompletionOutput(0, "", token_ids, None, logprobs)
+    return vllm_double.RequestOutput("0", None, [1, 2], None, [completion])
+
+
+def test_a_missing_probability_is_an_error_never_one():
+    Logprob = vllm_double.Logprob
+    assert forced_logprob(forced_output([7], [{7: Logprob(-1.5, 3)}]), 7) == -1.5
+    with pytest.raises(MalformedOutput, match="only token 7 was allowed"):
+        forced_logprob(forced_output([8], [{8: Logprob(-0.1, 1)}]), 7)
     with pytest.raises(MalformedOutput, match="no logprobs"):
-        parse_choice(missing, vibe)
-    undecoded = fake_output(prompt, options_of(vibe))
-    for step in undecoded.outputs[0].logprobs:
-        for lp in step.values():
-            lp.decoded_token = None
-    with pytest.raises(MalformedOutput, match="decoded"):
-        parse_choice(undecoded, vibe)
-    respelled = fake_output(prompt, options_of(vibe))
-    chosen = respelled.outputs[0].text.strip()
-    respelled.outputs[0].text = " " + next(lab for lab in vibe.labels if lab != chosen)
-    with pytest.raises(MalformedOutput, match="does not spell"):
-        parse_choice(respelled, vibe)
+        forced_logprob(forced_output([7], None), 7)
+    with pytest.raises(MalformedOutput, match="no finite logprob"):
+        forced_logprob(forced_output([7], [{8: Logprob(-0.1, 1)}]), 7)
+    with pytest.raises(MalformedOutput, match="no finite logprob"):  # a masked distribution
+        forced_logprob(forced_output([7], [{7: Logprob(float("-inf"), 1)}]), 7)
 
 
-@dataclass
-class StructuredOutputsParams:  # the fields of vllm.sampling_params.StructuredOutputsParams
-    json: str | dict | None = None
-    regex: str | None = None
-    choice: list[str] | None = None
-    grammar: str | None = None
+def test_logprobs_must_stay_raw(models, vllm):
+    with pytest.raises(ValueError, match="raw log-probabilities"):
+        vllm(models["bpe"], engine_args={"logprobs_mode": "processed_logprobs"})
 
 
-@dataclass
-class SamplingParams:  # the subset of vllm.SamplingParams the engine sets
-    temperature: float = 1.0
-    max_tokens: int | None = 16
-    logprobs: int | None = None
-    structured_outputs: StructuredOutputsParams | None = None
+def test_captions_are_greedy_generations(models, vllm, spec):
+    engine = vllm(models["unigram"])
+    reference = TransformersEngine(str(models["unigram"]))
+    try:
+        assert engine.caption(TEXTS[:2], spec.caption) == reference.caption(TEXTS[:2], spec.caption)
+    finally:
+        reference.close()
 
 
-def test_classify_sampling_params(vibe):
-    params = sampling_params(classify_request(vibe, 20), SamplingParams, StructuredOutputsParams)
-    assert isinstance(params.structured_outputs, StructuredOutputsParams)
-    assert params.structured_outputs.choice == options_of(vibe)
-    assert params.temperature == 0.0 and params.logprobs == 20
-    # long enough for every label (tokens cover at least one byte each)
-    assert params.max_tokens > max(len(o.encode()) for o in options_of(vibe))
+def gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
 
 
-def test_caption_sampling_params(spec):
-    from udfs.engines.prompts import caption_request
-    params = sampling_params(caption_request(spec.caption), SamplingParams,
-                             StructuredOutputsParams)
-    assert params.max_tokens == spec.caption.max_tokens and params.temperature == 0.0
-    assert params.structured_outputs is None
+def wait_gone(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if gone(pid):
+            return True
+        time.sleep(0.1)
+    return gone(pid)
+
+
+def test_close_shuts_the_engine_core_down(models, vllm):
+    engine = vllm(models["bpe"])
+    core = engine.llm.llm_engine.engine_core
+    before = vllm_double.EngineCoreClient.shutdowns
+    engine.close()
+    assert vllm_double.EngineCoreClient.shutdowns == before + 1
+    assert wait_gone(core.proc.pid, 5)
+    assert engine.llm is None
+    engine.close()  # twice is harmless
+
+
+# A Python worker as PySpark ends it: SIGKILL (a killed task) or os._exit (after any task
+# error, or when a non-reused worker finishes): no atexit, no finaliser runs.
+WORKER = """
+import os, sys, time
+from tests import vllm_double
+sys.modules.update(vllm_double.modules())
+from udfs.engines import build_engine
+engine = build_engine({"type": "vllm", "model": sys.argv[1]})
+print(engine.llm.llm_engine.engine_core.proc.pid, flush=True)
+if sys.stdin.readline().strip() == "exit":
+    os._exit(1)
+time.sleep(600)
+"""
+
+
+@pytest.mark.parametrize("death", ["SIGKILL", "os._exit"])
+def test_engine_core_dies_with_its_worker(models, death):
+    worker = subprocess.Popen([sys.executable, "-c", WORKER, str(models["bpe"])], cwd=ROOT,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "ANNOFEAT_REAP_GRACE": "2"})
+    core = None
+    try:
+        core = int(worker.stdout.readline())
+        assert not gone(core)
+        if death == "SIGKILL":
+            worker.send_signal(signal.SIGKILL)
+        else:
+            worker.stdin.write("exit\n")
+            worker.stdin.flush()
+        worker.wait(timeout=30)
+        assert wait_gone(core, 15), "the engine-core process outlived its worker"
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+        if core is not None and not gone(core):
+            os.kill(core, signal.SIGKILL)
 
 
 def test_without_vllm_a_clear_import_error(monkeypatch):
@@ -185,17 +229,34 @@ def test_without_vllm_a_clear_import_error(monkeypatch):
             make()
 
 
-@pytest.mark.skipif(not os.environ.get("ANNOFEAT_VLLM_MODEL"),
-                    reason="GPU node test: set ANNOFEAT_VLLM_MODEL to a local model directory")
-def test_real_vllm_engine(spec):  # pragma: no cover - needs a GPU and vLLM
-    engine = build_engine({"type": "vllm", "model": os.environ["ANNOFEAT_VLLM_MODEL"],
-                           "gpu_memory_utilization": 0.5, "max_model_len": 2048})
+def _real_vllm() -> bool:  # pragma: no cover - GPU nodes only
     try:
-        texts = ["Alien (1979). Genres: Horror, Sci-Fi", "Toy Story (1995). Genres: Animation"]
+        import torch
+        import vllm  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+@pytest.mark.skipif(not _real_vllm(), reason="GPU node test: needs a CUDA GPU and vLLM")
+def test_real_vllm_engine(spec, tmp_path):  # pragma: no cover - needs a GPU and vLLM
+    """On a GPU node: the real vLLM engine on ANNOFEAT_VLLM_MODEL (or a tiny Llama built
+    here, heads of 64 for vLLM's attention kernels) agrees with the transformers engine on
+    the same model, and close() leaves no engine-core process behind."""
+    model = os.environ.get("ANNOFEAT_VLLM_MODEL") or str(build_tiny_llm(
+        tmp_path / "tiny", family="unigram", max_token_length=4, hidden_size=128))
+    engine = build_engine({"type": "vllm", "model": model, "gpu_memory_utilization": 0.5,
+                           "max_model_len": 2048, "engine_args": {"dtype": "float32"}})
+    children = psutil.Process().children(recursive=True)
+    reference = TransformersEngine(model, device="cuda", dtype="float32")
+    try:
         for attribute in spec.attributes.values():
-            out = engine.classify(texts, attribute)
+            out = engine.classify(TEXTS, attribute)
             assert set(out.labels) <= set(attribute.labels)
-            assert all(0 < c <= 1 for c in out.confidences)
-        assert all(isinstance(c, str) for c in engine.caption(texts, spec.caption))
+            expected = label_probabilities(reference.label_loglik(TEXTS, attribute))
+            np.testing.assert_allclose(out.confidences, expected.max(axis=1), atol=1e-3)
+        assert all(isinstance(c, str) for c in engine.caption(TEXTS, spec.caption))
     finally:
         engine.close()
+        reference.close()
+    assert all(wait_gone(p.pid, 30) for p in children)

@@ -1,10 +1,17 @@
-"""GPU pinning on a real Spark standalone cluster on 127.0.0.1.
+"""GPU pinning: in-process tasks through one reused worker, and a real standalone cluster.
 
-One Master and one Worker run from the pip pyspark package; the Worker advertises two GPUs
-through a discovery script (no real GPU is needed: Spark only schedules the addresses). An
-application with one core and one GPU per executor gets two executors, and a pandas UDF on
-each calls udfs.worker.pin_gpu(). The driver runs in its own process (this module run with
--m), because a test session's local SparkContext would otherwise be reused.
+In-process, a TaskContext is set up per task the way PySpark's worker sets it up (with the
+task's GPU addresses), and udfs.worker.get_engine is called as the UDFs call it once per task:
+a reused worker must follow each task to its GPU, and refuse only when a live CUDA context
+(stubbed at udfs.worker.cuda_initialized, the one function that asks CUDA) is on another.
+
+On the cluster, one Master and one Worker run from the pip pyspark package; the Worker
+advertises two GPUs through a discovery script (no real GPU is needed: Spark only schedules
+the addresses). The driver runs in its own process (this module run with -m), because a test
+session's local SparkContext would otherwise be reused. An application with one core and one
+GPU per executor gets two executors, and a pandas UDF on each calls udfs.worker.pin_gpu().
+(An executor owning both GPUs does hand one reused worker tasks on either GPU, but Spark's
+worker pool does not do it on demand, so the in-process tests make that happen.)
 """
 from __future__ import annotations
 
@@ -21,8 +28,78 @@ import httpx
 import pandas as pd
 import pytest
 
+from udfs import worker
+
 ROOT = Path(__file__).resolve().parents[1]
 GPUS = {"0", "1"}
+PROBE = {"type": "tests.faulty_engines:GpuProbe"}
+
+
+@pytest.fixture
+def tasks(monkeypatch):
+    """run(addresses, config): get_engine as a UDF calls it in a task given those GPUs."""
+    from pyspark import TaskContext
+    from pyspark.resource import ResourceInformation
+
+    from tests.faulty_engines import GpuProbe
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setattr(worker, "_engine", None)
+    monkeypatch.setattr(worker, "_engine_key", None)
+    GpuProbe.built.clear()
+    attempt = iter(range(1000))
+
+    def run(addresses: list[str], config: dict = PROBE):
+        TaskContext._setTaskContext(None)  # as PySpark's worker does before each task
+        n = next(attempt)
+        TaskContext(stageId=0, partitionId=n, attemptNumber=0, taskAttemptId=n, cpus=1,
+                    resources={"gpu": ResourceInformation("gpu", list(addresses))})
+        return worker.get_engine(config)
+
+    yield run
+    TaskContext._setTaskContext(None)
+    worker.close_engine()
+
+
+def test_a_reused_worker_follows_each_task_to_its_gpu(tasks):
+    import torch  # loads torch.cuda without initialising CUDA: no reason to refuse anything
+    assert "torch.cuda" in sys.modules and not worker.cuda_initialized()
+    first = tasks(["0"])
+    assert first.cuda_visible_devices == os.environ["CUDA_VISIBLE_DEVICES"] == "0"
+    assert tasks(["0"]) is first  # same config, same GPU: the engine is reused
+    second = tasks(["1"])
+    assert second is not first and first.closed  # rebuilt on the task's GPU, the old closed
+    assert second.cuda_visible_devices == os.environ["CUDA_VISIBLE_DEVICES"] == "1"
+    third = tasks(["0"])
+    assert third.cuda_visible_devices == "0" and second.closed
+    assert torch.cuda.is_initialized() is False
+
+
+def test_two_engines_in_one_job_switch_gpus_freely(tasks):
+    """Head/tail routing: a worker serves the head engine, then the tail, on either GPU."""
+    import torch  # noqa: F401 - as a CPU engine's worker has it
+    head, tail = dict(PROBE, name="head"), dict(PROBE, name="tail")
+    for addresses, config in [(["0"], head), (["1"], tail), (["1"], head), (["0"], tail)]:
+        engine = tasks(addresses, config)
+        assert engine.name == config["name"] and engine.cuda_visible_devices == addresses[0]
+
+
+def test_a_live_cuda_context_on_another_gpu_is_refused(tasks, monkeypatch):
+    cuda = {"initialized": False}
+    monkeypatch.setattr(worker, "cuda_initialized", lambda: cuda["initialized"])
+    engine = tasks(["1"])
+    cuda["initialized"] = True  # the engine initialised CUDA on GPU 1 in this process
+    assert tasks(["1"]) is engine
+    with pytest.raises(worker.GpuPinningError, match=r"given GPU 0.*CUDA_VISIBLE_DEVICES='1'"):
+        tasks(["0"])
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "1" and not engine.closed
+    assert tasks(["1"]) is engine  # the engine that is still valid is kept
+
+
+def test_cuda_initialized_asks_cuda():
+    import torch
+    assert worker.cuda_initialized() is torch.cuda.is_initialized() is False
+    assert worker._driver_initialized() is False  # no driver loaded in this CPU process
 
 
 def free_port() -> int:

@@ -3,6 +3,12 @@
 The weights are random (fixed seed), so its answers are arbitrary but deterministic; what it
 exercises is the real path: AutoTokenizer/AutoModelForCausalLM loading from a directory,
 padding, batched scoring and generation.
+
+Two tokenizer families, both trained here on a small corpus: a byte-level BPE (GPT-2/Qwen
+style: a leading space is the byte "Ġ" inside the token) and a SentencePiece-style Unigram
+(Llama/Mistral style: Metaspace with the "▁" marker prepended to the text, a BOS added by the
+post-processor). With `max_token_length` pieces stay short, so labels span several tokens and
+share first tokens (" thrilling" / " thoughtful").
 """
 from __future__ import annotations
 
@@ -42,26 +48,53 @@ def corpus() -> list[str]:
     return lines
 
 
-def build_tiny_llm(path: str | Path, seed: int = 0) -> Path:
-    """Train a byte-level BPE, build a 2-layer Llama around it, save both under `path`."""
+def train_tokenizer(family: str = "bpe", max_token_length: int | None = None):
+    """A PreTrainedTokenizerFast of the given family ("bpe" or "unigram"), trained on corpus()."""
+    from tokenizers import (Tokenizer, decoders, models, normalizers, pre_tokenizers,
+                            processors, trainers)
+    from transformers import PreTrainedTokenizerFast
+
+    if family == "bpe":
+        tok = Tokenizer(models.BPE(unk_token="<unk>"))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        tok.train_from_iterator(corpus(), trainers.BpeTrainer(
+            vocab_size=600, special_tokens=SPECIALS, max_token_length=max_token_length,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    elif family == "unigram":
+        # Llama-2/Mistral's tokenizer.json: SentencePiece's add_dummy_prefix as a normalizer
+        # (" dark" alone is "▁▁dark", after a prompt "...▁dark"), pieces split at "▁", and a
+        # decoder that strips the leading space, so a word-initial id decodes without it
+        tok = Tokenizer(models.Unigram())
+        tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"),
+                                               normalizers.Replace(" ", "▁")])
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never")
+        tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(),
+                                         decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+        tok.train_from_iterator(corpus(), trainers.UnigramTrainer(
+            vocab_size=400, special_tokens=SPECIALS, unk_token="<unk>",
+            max_piece_length=max_token_length or 16, show_progress=False))
+        tok.post_processor = processors.TemplateProcessing(
+            single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tok.token_to_id("<s>"))])
+    else:
+        raise ValueError(f"unknown tokenizer family {family!r}")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+        unk_token="<unk>")
+
+
+def build_tiny_llm(path: str | Path, seed: int = 0, family: str = "bpe",
+                   max_token_length: int | None = None, hidden_size: int = 32) -> Path:
+    """Train a tokenizer, build a 2-layer, 2-head Llama around it, save both under `path`."""
     import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     path = Path(path)
-    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator(corpus(), trainers.BpeTrainer(
-        vocab_size=600, special_tokens=SPECIALS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=bpe, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-        unk_token="<unk>")
+    tokenizer = train_tokenizer(family, max_token_length)
 
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=bpe.get_vocab_size(), hidden_size=32, intermediate_size=64,
+        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
         max_position_embeddings=1024, pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)

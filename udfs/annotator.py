@@ -4,6 +4,14 @@ Whatever the input, every row comes out with either a result or an error: null o
 texts get an error without reaching the engine, duplicate texts are scored once, and an
 engine exception is narrowed down by bisection to the rows that cause it, so one bad row
 never costs the batch.
+
+Two limits keep bisection honest. A fatal engine error (udfs.engines.base.is_fatal: CUDA out
+of memory, a lost GPU, a dead engine process) is not about rows: it is raised at once as
+FatalEngineError, the task fails and Spark retries it, instead of re-running the batch about
+2n times on a broken engine and writing every row as an error. And bisection has a budget of
+engine calls, enough to isolate ISOLATED_ROWS failing rows (1 + 2 * ISOLATED_ROWS *
+ceil(log2 n) calls); when most of a batch fails, the rows still unresolved once it is spent
+get the error of the sub-batch they failed in, instead of 2n - 1 calls.
 """
 from __future__ import annotations
 
@@ -13,13 +21,15 @@ from typing import Callable, Sequence
 
 import pandas as pd
 
-from udfs.engines.base import Engine
+from udfs.engines.base import Engine, FatalEngineError, is_fatal
 from udfs.spec import Attribute, Caption
 
 MAX_CHARS = 4000
 # C0/C1 control characters other than tab and newline confuse tokenizers and prompts.
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 EMPTY_TEXT = "empty text: nothing to annotate"
+# Bisection may spend enough engine calls to isolate this many failing rows per batch.
+ISOLATED_ROWS = 4
 
 
 def clean_text(*parts) -> str | None:
@@ -47,18 +57,47 @@ def clean_columns(columns: Sequence[pd.Series]) -> pd.Series:
     return pd.Series([clean_text(*row) for row in frame.itertuples(index=False, name=None)])
 
 
-def _isolating(fn: Callable[[list[str]], list], texts: list[str]) -> list[tuple[object, str | None]]:
-    """Call fn on texts; on failure split in halves until the failing rows are alone."""
-    try:
-        out = fn(texts)
-        if len(out) != len(texts):
-            raise RuntimeError(f"engine returned {len(out)} results for {len(texts)} texts")
-        return [(o, None) for o in out]
-    except Exception as exc:  # noqa: BLE001 - any engine failure becomes a row error
-        if len(texts) == 1:
-            return [(None, f"{type(exc).__name__}: {exc}"[:500])]
-        mid = len(texts) // 2
-        return _isolating(fn, texts[:mid]) + _isolating(fn, texts[mid:])
+def bisection_budget(n: int, isolated_rows: int = ISOLATED_ROWS) -> int:
+    """Engine calls allowed for a batch of n: one failing row costs 1 + 2 * ceil(log2 n)."""
+    return 1 + 2 * isolated_rows * max(1, math.ceil(math.log2(max(n, 1))))
+
+
+def _error(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"[:500]
+
+
+def _isolating(fn: Callable[[list[str]], list], texts: list[str],
+               budget: int | None = None) -> list[tuple[object, str | None]]:
+    """Call fn on texts; on failure split in halves until the failing rows are alone.
+
+    Fatal engine errors propagate (as FatalEngineError); past `budget` calls, the rows of a
+    failed sub-batch keep its error instead of being split further.
+    """
+    spent, limit = 0, bisection_budget(len(texts)) if budget is None else budget
+
+    def run(batch: list[str], failed_in: str | None) -> list[tuple[object, str | None]]:
+        nonlocal spent
+        if failed_in is not None and spent >= limit:
+            return [(None, f"{failed_in} [not isolated: this row's batch failed and bisection "
+                           f"stopped after {spent} engine calls]")] * len(batch)
+        spent += 1
+        try:
+            out = fn(batch)
+            if len(out) != len(batch):
+                raise RuntimeError(f"engine returned {len(out)} results for {len(batch)} texts")
+            return [(o, None) for o in out]
+        except Exception as exc:  # noqa: BLE001 - a non-fatal engine failure is a row error
+            if is_fatal(exc):
+                if isinstance(exc, FatalEngineError):
+                    raise
+                raise FatalEngineError("fatal engine error, failing the task so that Spark "
+                                       f"retries it: {_error(exc)}") from exc
+            if len(batch) == 1:
+                return [(None, _error(exc))]
+            mid = len(batch) // 2
+            return run(batch[:mid], _error(exc)) + run(batch[mid:], _error(exc))
+
+    return run(texts, None)
 
 
 def _unique_call(texts: pd.Series, fn: Callable[[list[str]], list]) -> tuple[list, list]:

@@ -4,9 +4,19 @@ Spark reuses Python workers across tasks (spark.python.worker.reuse=true, the de
 the engine built here survives from task to task: a model loads once per worker, not once
 per batch or task. A worker never holds two engines: asking for a different config closes the
 old one first, which keeps one vLLM engine per GPU.
+
+A reused worker can be handed a task on another GPU (an executor that owns several GPUs gives
+each task whichever address is free). The engine is therefore keyed on (config, the task's GPU
+addresses): a task on another GPU closes the engine and builds it again on that GPU. CUDA reads
+CUDA_VISIBLE_DEVICES once, when it initialises in a process; after that, re-pinning would be a
+lie, so only then does the worker refuse (GpuPinningError). Whether CUDA is initialised is
+asked of CUDA itself (`cuda_initialized`), not guessed from loaded modules: `import torch`
+loads torch.cuda without touching a GPU, and a CPU engine's worker may switch GPUs freely.
 """
 from __future__ import annotations
 
+import atexit
+import ctypes
 import json
 import logging
 import os
@@ -17,11 +27,16 @@ from udfs.engines import Engine, build_engine
 log = logging.getLogger(__name__)
 
 _engine: Engine | None = None
-_engine_key: str | None = None
-_CUDA_MODULES = ("torch.cuda", "vllm", "cupy")
+_engine_key: tuple[str, tuple[str, ...]] | None = None
+_exit_hook = False
 # CPU engines that take a `threads` option: sized to the task's cores, so N concurrent
 # workers do not each start one thread per machine core and oversubscribe the CPU.
 _CPU_THREADED = {"embedding", "transformers", "student"}
+_CUDA_ERROR_NOT_INITIALIZED = 3
+
+
+class GpuPinningError(RuntimeError):
+    """A task's GPU differs from the one CUDA already initialised on in this worker."""
 
 
 def task_gpu_addresses() -> list[str]:
@@ -37,21 +52,53 @@ def task_gpu_addresses() -> list[str]:
     return list(gpu.addresses) if gpu is not None else []
 
 
-def pin_gpu() -> str | None:
-    """Point CUDA_VISIBLE_DEVICES at the task's GPU(s), before any CUDA library is imported.
+def _driver_initialized() -> bool:
+    """Whether this process called cuInit: the CUDA driver answers CUDA_ERROR_NOT_INITIALIZED
+    to any call made before it. RTLD_NOLOAD only finds a libcuda already loaded, so asking
+    neither loads the driver nor initialises it (no libcuda loaded: no CUDA in this process)."""
+    try:
+        libcuda = ctypes.CDLL("libcuda.so.1", mode=os.RTLD_NOLOAD | os.RTLD_LAZY)
+        count = ctypes.c_int()
+        return libcuda.cuDeviceGetCount(ctypes.byref(count)) != _CUDA_ERROR_NOT_INITIALIZED
+    except (OSError, AttributeError):
+        return False
+
+
+def cuda_initialized() -> bool:
+    """Whether CUDA is initialised in this process, which freezes its visible devices.
+
+    torch.cuda.is_initialized() is torch's own answer (vLLM asks the same, in
+    vllm/utils: cuda_is_initialized); the driver is asked too, because
+    torch.cuda.is_available() initialises the driver without torch counting it.
+    """
+    torch = sys.modules.get("torch")
+    try:
+        if torch is not None and torch.cuda.is_initialized():
+            return True
+    except AttributeError:  # a torch without CUDA support
+        pass
+    return _driver_initialized()
+
+
+def pin_gpu(addresses: list[str] | None = None) -> str | None:
+    """Point CUDA_VISIBLE_DEVICES at the task's GPU(s) (by default the running task's).
 
     Returns the pinned value, or None when the task has no GPU (CPU engines, local mode).
+    Raises GpuPinningError when CUDA is already initialised in this process on other GPUs.
     """
-    addresses = task_gpu_addresses()
+    addresses = task_gpu_addresses() if addresses is None else list(addresses)
     if not addresses:
         return None
     value = ",".join(addresses)
     current = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if current != value and any(m in sys.modules for m in _CUDA_MODULES):
-        # CUDA reads the variable once, at initialisation: changing it now would be a lie.
-        raise RuntimeError(
-            f"task was given GPU {value} but this worker already initialised CUDA on "
-            f"{current!r}; run one task per GPU (spark.task.resource.gpu.amount=1)")
+    if current != value and cuda_initialized():
+        # CUDA read the variable when it initialised: changing it now would be a lie.
+        raise GpuPinningError(
+            f"this task was given GPU {value}, but this Python worker (pid {os.getpid()}) "
+            f"already initialised CUDA with CUDA_VISIBLE_DEVICES={current!r}, and CUDA "
+            "cannot move to another GPU in the same process; give each executor one GPU "
+            "(spark.executor.resource.gpu.amount=1) or use an engine that runs CUDA in a "
+            "child process (vllm)")
     os.environ["CUDA_VISIBLE_DEVICES"] = value
     return value
 
@@ -74,16 +121,30 @@ def effective_config(config: dict | None) -> dict:
     return config
 
 
-def get_engine(config: dict | None) -> Engine:
-    """This worker's engine for `config`, built on first use and then reused."""
+def close_engine() -> None:
+    """Close this worker's engine, if any (also run at interpreter exit)."""
     global _engine, _engine_key
-    key = json.dumps(config or {}, sort_keys=True, default=str)
-    if _engine is None or _engine_key != key:
-        if _engine is not None:
-            _engine.close()
-            _engine = None
-        pinned = pin_gpu()
-        log.info("building engine %s (pid %d, gpu %s)", key, os.getpid(), pinned)
-        _engine = build_engine(effective_config(config))
-        _engine_key = key
+    engine, _engine, _engine_key = _engine, None, None
+    if engine is not None:
+        engine.close()
+
+
+def get_engine(config: dict | None) -> Engine:
+    """This worker's engine for `config` on the task's GPUs, built on first use, then reused."""
+    global _engine, _engine_key, _exit_hook
+    addresses = tuple(task_gpu_addresses())
+    key = (json.dumps(config or {}, sort_keys=True, default=str), addresses)
+    if _engine is not None and _engine_key == key:
+        return _engine
+    pinned = pin_gpu(list(addresses))  # may refuse: then the old engine stays as it was
+    close_engine()
+    log.info("building engine %s (pid %d, gpu %s)", key[0], os.getpid(), pinned)
+    _engine = build_engine(effective_config(config))
+    _engine_key = key
+    if not _exit_hook:
+        # A Python worker that exits normally closes its engine. PySpark's daemon ends
+        # workers with os._exit or SIGKILL, which skip this: the vllm engine guards its
+        # engine-core process against that itself (udfs.engines.vllm).
+        atexit.register(close_engine)
+        _exit_hook = True
     return _engine

@@ -1,8 +1,15 @@
-"""The one engine interface every backend implements.
+"""The one engine interface every backend implements, and what counts as a fatal error.
 
 An engine gets a batch of clean, de-duplicated texts and returns one result per text, in
 order. Engines may raise on a whole batch; `udfs.annotator` isolates the failing rows, so a
 backend never has to handle bad input or partial failure itself.
+
+Some failures are not about the rows: the GPU ran out of memory, the GPU fell off the bus, the
+engine's process died. Retrying rows on a broken engine only burns the batch again and again
+and ends with every row in error, so these are fatal: `is_fatal` recognises them (by type
+name and message, without importing torch or vllm), the annotator re-raises them as
+FatalEngineError, the task fails, and Spark retries it (in a fresh Python worker, since a
+worker whose task raised exits).
 """
 from __future__ import annotations
 
@@ -20,6 +27,42 @@ class Labels:
     confidences: list[float]
 
 
+class FatalEngineError(RuntimeError):
+    """The engine cannot go on in this process: fail the task, never a row."""
+
+
+# Exception types that mean the engine is gone, whatever the rows: torch's CUDA OOM
+# (torch.cuda.OutOfMemoryError, torch.OutOfMemoryError), vLLM's EngineDeadError
+# (vllm/v1/engine/exceptions.py, raised when the engine-core process dies) and host OOM.
+_FATAL_TYPES = {"OutOfMemoryError", "EngineDeadError", "MemoryError", "FatalEngineError"}
+# Messages of the RuntimeErrors torch, NCCL and vLLM raise for a broken device or engine.
+# Row errors (a reply outside the labels, which quotes the model) are never read for these.
+_ROW_TYPES = {"MalformedOutput"}
+_FATAL_MESSAGES = (
+    "cuda out of memory", "hip out of memory", "cuda error", "cuda driver error",
+    "cublas_status", "cudnn_status", "cudnn error", "nccl error", "device-side assert",
+    "no cuda gpus are available", "gpu has fallen off the bus",
+    "enginecore encountered an issue", "engine core proc", "engine core died",
+    "engine loop has died", "engine is dead",
+)
+
+
+def is_fatal(exc: BaseException) -> bool:
+    """Whether `exc` (or anything it was raised from) means the engine itself is broken."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if any(cls.__name__ in _ROW_TYPES for cls in type(exc).__mro__):
+            return False
+        if any(cls.__name__ in _FATAL_TYPES for cls in type(exc).__mro__):
+            return True
+        message = str(exc).lower()
+        if any(m in message for m in _FATAL_MESSAGES):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
 class Engine(ABC):
     #: identifies the model in the provenance columns (e.g. "embedding:all-MiniLM-L6-v2")
     model_name: str = "engine"
@@ -33,4 +76,4 @@ class Engine(ABC):
         """Write a short caption per text."""
 
     def close(self) -> None:
-        """Release the model (GPU memory, connections)."""
+        """Release the model (GPU memory, connections, child processes)."""

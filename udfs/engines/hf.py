@@ -1,10 +1,11 @@
 """Any local Hugging Face causal LM directory, on CPU or GPU, offline.
 
 classify: every label is scored by the summed log-likelihood of " " + label after the
-rendered prompt; a softmax over the labels gives the confidence, so the answer is always a
-declared label with a probability. Prompt x label sequences are left-padded (with position
-ids from the attention mask, so padding changes nothing) and only the last positions'
-logits are computed, which keeps memory at batch x longest-label x vocab.
+rendered prompt, its tokens taken in context (udfs.engines.prompts.label_continuations, the
+scoring every generative engine shares); a softmax over the labels gives the confidence, so
+the answer is always a declared label with a probability. Prompt x label sequences are
+left-padded (with position ids from the attention mask, so padding changes nothing) and only
+the last positions' logits are computed, which keeps memory at batch x longest-label x vocab.
 caption: greedy generation of caption.max_tokens new tokens, batched with left padding.
 """
 from __future__ import annotations
@@ -16,14 +17,10 @@ from typing import Sequence
 import numpy as np
 
 from udfs.engines.base import Engine, Labels
+from udfs.engines.prompts import label_continuations, label_probabilities, truncate_left
 from udfs.spec import Attribute, Caption
 
-
-def label_probabilities(loglik: np.ndarray) -> np.ndarray:
-    """Softmax over labels (axis 1) of per-label summed log-likelihoods."""
-    z = loglik - loglik.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
+__all__ = ["TransformersEngine", "label_probabilities"]
 
 
 class TransformersEngine(Engine):
@@ -52,12 +49,8 @@ class TransformersEngine(Engine):
 
     def _encode(self, prompt: str) -> list[int]:
         """Prompt ids, cut from the left (the question sits at the end), keeping a BOS."""
-        ids = self.tokenizer(prompt).input_ids
-        if len(ids) <= self.max_prompt_tokens:
-            return ids
-        bos = self.tokenizer.bos_token_id
-        head = ids[:1] if bos is not None and ids[0] == bos else []
-        return head + ids[len(ids) - self.max_prompt_tokens + len(head):]
+        return truncate_left(self.tokenizer(prompt).input_ids, self.max_prompt_tokens,
+                             self.tokenizer.bos_token_id)
 
     def _left_pad(self, rows: list[list[int]]):
         torch = self._torch
@@ -71,10 +64,12 @@ class TransformersEngine(Engine):
     def label_loglik(self, texts: Sequence[str], attribute: Attribute) -> np.ndarray:
         """Summed log-likelihood of each label after each text's prompt: [texts, labels]."""
         torch = self._torch
-        label_ids = [self.tokenizer(" " + lab, add_special_tokens=False).input_ids
-                     for lab in attribute.labels]
-        prompts = [self._encode(attribute.render(t)) for t in texts]
-        rows = [(prompt + label, len(label)) for prompt in prompts for label in label_ids]
+        rows = []
+        for text in texts:
+            context, continuations = label_continuations(
+                lambda s: self.tokenizer(s).input_ids, attribute.render(text), attribute.labels)
+            context = truncate_left(context, self.max_prompt_tokens, self.tokenizer.bos_token_id)
+            rows.extend((context + ids, len(ids)) for ids in continuations)
         scores = []
         for start in range(0, len(rows), self.batch_size):
             chunk = rows[start:start + self.batch_size]

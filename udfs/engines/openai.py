@@ -1,28 +1,34 @@
 """An OpenAI-compatible completions server (e.g. `vllm serve`), spoken to with httpx.
 
-Each text is one POST {base_url}/completions; up to `concurrency` are in flight at once.
+Each request is one POST {base_url}/completions; up to `concurrency` are in flight at once.
 Connection errors, timeouts, 429 and 5xx are retried with exponential backoff
-(backoff * 2**attempt); other 4xx, unparseable replies and answers outside the labels fail
-that text at once. A batch raises when any text failed, and `udfs.annotator` bisects it down
-to the failing rows; replies already received are kept in a small cache, so the bisection
-does not ask the server again for the rows that succeeded.
+(backoff * 2**attempt); other 4xx, unparseable replies and replies without what was asked
+for fail that text at once. A batch raises when any text failed, and `udfs.annotator`
+bisects it down to the failing rows; replies already received are kept in a small cache, so
+the bisection does not ask the server again for the rows that succeeded.
 
-classify sends vLLM's `structured_outputs: {"choice": [...]}` extension with `logprobs`, and
-the confidence is the generated label's probability renormalised over the tokens the choice
-allows (udfs.engines.prompts.constrained_probability).
+classify scores labels the way the other generative engines do (udfs.engines.prompts), by
+token id: one request per (text, label) sends prompt + " " + label with vLLM's
+`prompt_logprobs: 0` and `return_token_ids: true` extensions, so the server tokenises the
+label in context with the model's own tokenizer and returns the log-probability of every
+prompt token, keyed by id. A label's score is the sum over the positions after the prefix
+all labels share; a softmax over the labels gives the confidence. No token string is ever
+matched, and a missing log-probability fails the row (never a renormalised 1.0).
 """
 from __future__ import annotations
 
 import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor, wait
-from typing import Any, Callable, Hashable, Sequence
+from typing import Callable, Hashable, Sequence
 
 import httpx
 
+import numpy as np
+
 from udfs.engines.base import Engine, Labels
-from udfs.engines.prompts import (MalformedOutput, caption_request, choices,
-                                  classify_request, constrained_probability, label_of)
+from udfs.engines.prompts import (MalformedOutput, caption_request, continuation_logliks,
+                                  label_probabilities)
 from udfs.spec import Attribute, Caption
 
 
@@ -41,20 +47,47 @@ def _first_choice(reply: object) -> dict:
             from None
 
 
-def parse_choice_reply(reply: object, attribute: Attribute) -> tuple[str, float]:
-    """(label, confidence) from a /completions reply to a constrained choice request."""
+def score_request(prompt: str, label: str) -> dict:
+    """Body (less the model) asking for the log-probability of every token of the prompt
+    followed by the label; one token is generated because servers require max_tokens >= 1."""
+    return {"prompt": f"{prompt} {label}", "max_tokens": 1, "temperature": 0.0,
+            "prompt_logprobs": 0, "return_token_ids": True}
+
+
+def parse_prompt_logprobs(reply: object) -> list[tuple[int | None, float | None]]:
+    """(token id, log-probability) per prompt position from a vLLM /completions reply.
+
+    vLLM returns `prompt_logprobs` as a list with None for the first token and, for every
+    later position, {token id (a JSON string): {"logprob", "rank", "decoded_token"}} holding
+    the prompt token (with prompt_logprobs=0, only it), and `prompt_token_ids` when asked.
+    """
     choice = _first_choice(reply)
-    label = label_of(choice["text"], attribute)
-    lp: Any = choice.get("logprobs")
-    try:
-        tokens = lp["tokens"]
-        # The generated token's own logprob is always known; the top-k may omit it.
-        steps = [{**(top or {}), tok: tok_lp} for tok, tok_lp, top
-                 in zip(tokens, lp["token_logprobs"], lp["top_logprobs"])]
-    except (KeyError, TypeError) as exc:
-        raise MalformedOutput(f"reply has no usable logprobs ({exc!r}); the server must "
-                              "support `logprobs` on /completions") from None
-    return label, constrained_probability(tokens, steps, choice["text"], choices(attribute))
+    positions, ids = choice.get("prompt_logprobs"), choice.get("prompt_token_ids")
+    if not isinstance(positions, list) or not positions:
+        raise MalformedOutput("reply has no prompt_logprobs; the server must support vLLM's "
+                              "`prompt_logprobs` extension on /completions")
+    if ids is not None and len(ids) != len(positions):
+        raise MalformedOutput(f"{len(ids)} prompt token ids but {len(positions)} logprobs")
+    out: list[tuple[int | None, float | None]] = []
+    for i, position in enumerate(positions):
+        token = ids[i] if ids is not None else None
+        if position is None:
+            if i:
+                raise MalformedOutput(f"no logprobs for prompt position {i}")
+            out.append((token, None))
+            continue
+        try:
+            if token is None:  # without the ids, each position must hold exactly its token
+                (key, entry), = position.items()
+                token = int(key)
+            else:
+                entry = position.get(str(token), position.get(token))
+            logprob = entry["logprob"] if isinstance(entry, dict) else entry
+            out.append((int(token), float(logprob)))
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            raise MalformedOutput(f"no logprob for prompt token {token} at position {i} "
+                                  f"({exc!r}): {str(position)[:200]}") from None
+    return out
 
 
 class OpenAIEngine(Engine):
@@ -67,7 +100,7 @@ class OpenAIEngine(Engine):
         self.model = model
         self.max_retries = max_retries
         self.backoff = backoff
-        self.top_logprobs = top_logprobs
+        self.top_logprobs = top_logprobs  # accepted for older configs; scoring reads ids
         self.model_name = f"openai:{model}"
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._client = httpx.Client(
@@ -130,14 +163,21 @@ class OpenAIEngine(Engine):
         return [results[key] for key in keys]
 
     def classify(self, texts: Sequence[str], attribute: Attribute) -> Labels:
-        body = {"model": self.model, **classify_request(attribute, self.top_logprobs)}
+        pairs = [(text, label) for text in texts for label in attribute.labels]
 
-        def one(i: int) -> tuple[str, float]:
-            reply = self._post({**body, "prompt": attribute.render(texts[i])})
-            return parse_choice_reply(reply, attribute)
+        def one(i: int) -> list[tuple[int | None, float | None]]:
+            text, label = pairs[i]
+            body = {"model": self.model, **score_request(attribute.render(text), label)}
+            return parse_prompt_logprobs(self._post(body))
 
-        pairs = self._map([("classify", attribute.version, t) for t in texts], one)
-        return Labels(labels=[p[0] for p in pairs], confidences=[p[1] for p in pairs])
+        scored = self._map([("label", attribute.version, t, lab) for t, lab in pairs], one)
+        k = len(attribute.labels)
+        loglik = np.array([continuation_logliks(scored[i:i + k])
+                           for i in range(0, len(scored), k)]).reshape(len(texts), k)
+        probs = label_probabilities(loglik)
+        best = probs.argmax(axis=1)
+        return Labels(labels=[attribute.labels[i] for i in best],
+                      confidences=probs[np.arange(len(best)), best].astype(float).tolist())
 
     def caption(self, texts: Sequence[str], caption: Caption) -> list[str]:
         body = {"model": self.model, **caption_request(caption)}

@@ -1,93 +1,98 @@
-"""GPU-free helpers shared by the generative engines: request building and output parsing.
+"""GPU-free helpers shared by the generative engines: how labels are scored, by token id.
 
-Labels are offered to a model as " " + label, the way a completion after "Answer:" naturally
-continues (and the way the transformers engine scores them), so the constrained choice and
-the log-likelihood scoring see the same tokens. A reply is parsed back into a declared label
-or rejected with `MalformedOutput`, which `udfs.annotator` turns into that row's error.
+Every generative engine (transformers, vllm, openai) gives the same answer for the same model:
+a label's score is the summed log-probability of the tokens of " " + label after the rendered
+prompt, and a softmax over the labels gives the distribution; the answer is its argmax and
+the confidence its probability.
 
-Confidence from a constrained choice. The choice grammar lets the sampler pick, at each step,
-only tokens that keep the text a prefix of some choice. `constrained_probability` replays
-that: at every generated step it renormalises the returned top-k log-probabilities over the
-tokens the grammar allows and multiplies the chosen token's share. The product is the
-probability the model, restricted to the declared labels, gives to the generated answer; over
-all labels these sum to 1 when every allowed token is within the top-k. Tokens are compared
-as decoded strings, so this works the same for vLLM's in-process output (token ids with
-decoded strings) and for an OpenAI-compatible server (token strings only), and needs no
-tokenizer on the client.
+The tokens are the model's own, taken in context: `label_continuations` tokenises
+prompt + " " + label with the model's tokenizer and keeps what follows the part all labels
+(and the prompt) share. Probabilities are then read by token id at each position, never by
+matching decoded strings: decoding ids one by one (as vLLM does for logprobs) loses the
+leading-space marker of SentencePiece-style tokenizers ("▁dark" decodes to "dark"), and
+several ids can decode alike. A needed probability that is missing is an error
+(`MalformedOutput`, that row's error), never a renormalised 1.0.
 """
 from __future__ import annotations
 
 import math
-from typing import Mapping, Sequence
+from typing import Callable, Sequence
 
-from udfs.spec import Attribute, Caption
+import numpy as np
+
+from udfs.spec import Caption
 
 
 class MalformedOutput(ValueError):
-    """A model reply that is not one of the declared labels (or lacks what we asked for)."""
+    """A model reply that lacks what we asked for (a row error, never a guess)."""
 
 
-def choices(attribute: Attribute) -> list[str]:
-    return [" " + label for label in attribute.labels]
+def label_probabilities(loglik: np.ndarray) -> np.ndarray:
+    """Softmax over labels (axis 1) of per-label summed log-likelihoods."""
+    z = loglik - loglik.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
 
 
-def label_of(text: str | None, attribute: Attribute) -> str:
-    """The declared label a reply names, or MalformedOutput."""
-    label = (text or "").strip()
-    if label not in attribute.labels:
-        raise MalformedOutput(
-            f"model answered {text!r}, which is not one of {list(attribute.labels)}")
-    return label
+def _common_prefix(seqs: Sequence[Sequence[int]]) -> int:
+    n = min(map(len, seqs))
+    for i in range(n):
+        first = seqs[0][i]
+        if any(s[i] != first for s in seqs[1:]):
+            return i
+    return n
 
 
-def classify_request(attribute: Attribute, top_logprobs: int) -> dict:
-    """Sampling options for a constrained, greedy choice among the labels.
+def label_continuations(encode: Callable[[str], Sequence[int]], prompt: str,
+                        labels: Sequence[str]) -> tuple[list[int], list[list[int]]]:
+    """(context ids, each label's continuation ids), tokenised in context.
 
-    The same mapping is vLLM's SamplingParams kwargs (with structured_outputs wrapped in
-    StructuredOutputsParams) and the body extension of vLLM's OpenAI-compatible server.
+    encode: the model's tokenizer, text -> ids, special tokens (BOS) included as for a prompt.
+    Each label is tokenised as part of prompt + " " + label, so its tokens are those the model
+    would see after the prompt (a SentencePiece tokenizer writes " dark" as "▁dark" there,
+    but as "▁", "▁dark" on its own). The context is the longest prefix shared by the prompt's
+    and every label's ids: normally the prompt's ids; shorter if a label merges into the
+    prompt's last token, in which case the probability of the shared part is common to all
+    labels and cancels in the softmax.
     """
-    # A byte-level token covers at least one byte, so this bounds the longest label; the
-    # grammar ends the answer as soon as a label is complete.
-    longest = max(len(c.encode("utf-8")) for c in choices(attribute))
-    return {"temperature": 0.0, "max_tokens": longest + 1, "logprobs": top_logprobs,
-            "structured_outputs": {"choice": choices(attribute)}}
+    full = [list(encode(f"{prompt} {label}")) for label in labels]
+    n = _common_prefix([list(encode(prompt)), *full])
+    continuations = [ids[n:] for ids in full]
+    for label, ids in zip(labels, continuations):
+        if not ids:
+            raise MalformedOutput(f"label {label!r} adds no token after the prompt")
+    return full[0][:n], continuations
+
+
+def continuation_logliks(sequences: Sequence[Sequence[tuple[int | None, float | None]]]
+                         ) -> list[float]:
+    """Each sequence's summed log-probability past the prefix all of them share.
+
+    sequences: per label, the (token id, log-probability) of every position of
+    prompt + " " + label as the model tokenised and scored it (a server's prompt logprobs).
+    The shared prefix (the prompt, and any token every label starts with) has the same
+    probability under every label and cancels in the softmax over labels.
+    """
+    n = _common_prefix([[token for token, _ in seq] for seq in sequences])
+    out = []
+    for seq in sequences:
+        tail = [lp for _, lp in seq[n:]]
+        if not tail:
+            raise MalformedOutput("two labels were tokenised alike; they cannot be told apart")
+        if any(lp is None or not math.isfinite(lp) for lp in tail):
+            raise MalformedOutput(f"missing or infinite log-probability among {tail}")
+        out.append(float(sum(tail)))
+    return out
+
+
+def truncate_left(ids: list[int], max_tokens: int | None, bos: int | None) -> list[int]:
+    """The last max_tokens ids (the question sits at the end), keeping a leading BOS."""
+    if max_tokens is None or len(ids) <= max_tokens:
+        return ids
+    head = ids[:1] if bos is not None and ids and ids[0] == bos else []
+    return head + ids[len(ids) - max_tokens + len(head):]
 
 
 def caption_request(caption: Caption) -> dict:
+    """Sampling options for a caption: greedy, caption.max_tokens new tokens."""
     return {"temperature": 0.0, "max_tokens": caption.max_tokens}
-
-
-def _logsumexp(values: Sequence[float]) -> float:
-    top = max(values)
-    return top + math.log(sum(math.exp(v - top) for v in values))
-
-
-def constrained_probability(tokens: Sequence[str], steps: Sequence[Mapping[str, float]],
-                            chosen: str, options: Sequence[str]) -> float:
-    """Probability of generating `chosen` token by token when only `options` are allowed.
-
-    tokens: the generated tokens as strings; steps: per generated token, the returned
-    top log-probabilities {token string: logprob} (the generated token's own logprob must be
-    among them). Tokens past the end of `chosen` (end-of-sequence) are ignored.
-    """
-    if chosen not in options:
-        raise MalformedOutput(f"answer {chosen!r} is not one of the offered choices {options}")
-    if len(tokens) != len(steps):
-        raise MalformedOutput(f"{len(tokens)} tokens but {len(steps)} logprob steps")
-    prefix, logp = "", 0.0
-    for token, step in zip(tokens, steps):
-        if len(prefix) >= len(chosen):
-            break
-        if not token:  # a special token that decodes to nothing carries no text
-            continue
-        if not chosen.startswith(prefix + token) or token not in step:
-            raise MalformedOutput(
-                f"generated token {token!r} after {prefix!r} does not spell {chosen!r} "
-                "or has no logprob")
-        allowed = [lp for t, lp in step.items()
-                   if t and any(o.startswith(prefix + t) for o in options)]
-        logp += step[token] - _logsumexp(allowed)
-        prefix += token
-    if prefix != chosen:
-        raise MalformedOutput(f"generated tokens spell {prefix!r}, not {chosen!r}")
-    return math.exp(logp)
