@@ -1,8 +1,8 @@
-"""The ranking service under load and with its Redis online store going away and back."""
+"""The ranking service under load, with its Redis online store going away and back, and
+through a materialization under load (the cache is refreshed in place)."""
 from __future__ import annotations
 
-import os
-import signal
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
@@ -14,7 +14,9 @@ import pytest
 import yaml
 
 from tests.redis_server import start_redis
-from tests.service_process import start_service
+from tests.service_process import start_service, stop_service
+from tests.test_service import (REFRESH_WAIT_S, each_old_or_new, materialize_reset_item_stats,
+                                online_scores, same_scores, scores_of)
 from tests.test_train_ranker import _built, build_repo, copy_repo
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,12 +41,12 @@ def service(tmp_path_factory):
 
     app, url = start_service(repo, _built["model"])
     ratings = pd.read_csv(_built["ratings"])
-    state = {"url": url, "server": server, "proc": proc, "rdir": rdir,
+    state = {"url": url, "server": server, "proc": proc, "rdir": rdir, "repo": repo,
              "users": sorted(ratings["userId"].unique().tolist()),
-             "items": ratings["movieId"].drop_duplicates().head(100).tolist()}
+             "items": ratings["movieId"].drop_duplicates().head(100).tolist(),
+             "other_items": ratings["movieId"].drop_duplicates().iloc[100:].tolist()}
     yield state
-    os.killpg(app.pid, signal.SIGTERM)
-    app.wait(timeout=30)
+    stop_service(app)
     state["proc"].terminate()
     state["proc"].wait(timeout=15)
 
@@ -103,3 +105,68 @@ def test_redis_down_gives_503_and_the_service_recovers(service):
         time.sleep(0.5)
     assert back.status_code == 200
     assert back.json()["unknown_user"] is False  # the features are served again
+
+
+def test_a_materialization_under_load_is_served_from_the_cache(service):
+    """Eight clients keep asking while item_stats is materialized into Redis: every answer
+    is a 200, every item's score is its old or its new one, the request path reads only ids
+    it has never seen (the refresh thread re-reads the cached rows), and within a bounded
+    wait every answer carries the new scores. A ninth client asks for unseen items all the
+    while: Feast marks a view MATERIALIZING meanwhile, and the service must still read it."""
+    url, items, repo = service["url"], service["items"], service["repo"]
+    users = [int(u) for u in service["users"][:4]]
+    unseen = iter(service["other_items"])
+    with httpx.Client(base_url=url, timeout=60) as http:
+        old = {u: scores_of(http.post("/rank", json={"user_id": u, "item_ids": items}))
+               for u in users}  # also puts every user and item in the cache
+        cache0 = http.get("/health").json()["cache"]
+    answers: list[tuple[int, object]] = []
+    novel: list[object] = []
+    done = threading.Event()
+
+    def client(n: int) -> None:
+        with httpx.Client(base_url=url, timeout=60) as http:
+            while not done.is_set():
+                u = users[n % len(users)]
+                answers.append((u, http.post("/rank", json={"user_id": u, "item_ids": items})))
+
+    def novel_client() -> None:
+        with httpx.Client(base_url=url, timeout=60) as http:
+            while not done.is_set():
+                fresh_ids = [i for _, i in zip(range(5), unseen)]
+                if not fresh_ids:
+                    break
+                novel.append(http.post("/rank", json={"user_id": users[0], "item_ids": fresh_ids}))
+                time.sleep(0.02)
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(8)]
+    threads.append(threading.Thread(target=novel_client))
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(0.5)
+        materialize_reset_item_stats(repo, items)
+        new = {u: online_scores(repo, _built["model"], items, user=u) for u in users}
+        assert not same_scores(old[users[0]], new[users[0]])
+        deadline = time.monotonic() + REFRESH_WAIT_S
+        while len(answers) < 16 or not all(same_scores(scores_of(r), new[u])
+                                           for u, r in answers[-16:]):
+            assert time.monotonic() < deadline, f"not fresh after {REFRESH_WAIT_S} s"
+            time.sleep(0.2)
+        seen = len(answers)
+        while len(answers) < seen + 64:
+            time.sleep(0.05)
+    finally:
+        done.set()
+        for t in threads:
+            t.join(timeout=60)
+    assert [r.text for r in novel if r.status_code != 200] == []
+    for u, r in answers:
+        assert each_old_or_new(scores_of(r), old[u], new[u])
+    assert all(same_scores(scores_of(r), new[u]) for u, r in answers[seen:])
+    cache = httpx.get(f"{url}/health", timeout=10).json()["cache"]
+    assert cache["fresh"]
+    novel_ids = sum(len(r.json()["items"]) for r in novel)
+    assert len(novel) > 10
+    assert cache["fetched_on_request"] == cache0["fetched_on_request"] + novel_ids
+    assert cache["refreshed_in_background"] >= len(items)
