@@ -8,10 +8,13 @@ EXTRAS := embedded,hf,redis,dev
 
 .PHONY: demo test venv redis bench clean
 
-$(VENV)/.installed: setup.py constraints-cpu.txt
+$(VENV)/.installed: setup.py constraints-cpu.txt spark_jobs/log4j2.properties
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -c constraints-cpu.txt --config-settings editable_mode=compat -e ".[$(EXTRAS)]"
+	# Spark's console log at WARN: spark-submit and the jobs print progress, not INFO lines
+	conf=$$($(PY) -c 'import os, pyspark; print(os.path.join(os.path.dirname(pyspark.__file__), "conf"))') && \
+	  mkdir -p "$$conf" && cp spark_jobs/log4j2.properties "$$conf/"
 	touch $@
 
 venv: $(VENV)/.installed

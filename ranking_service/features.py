@@ -3,95 +3,176 @@
 Training gets feature rows from Feast's point-in-time join and calls `FeatureSet.matrix`;
 the service encodes online rows once per entity (`encode_items`, `encode_users`, cached)
 and joins them per request with `assemble`. `matrix` is those same three steps, so a
-column means the same thing in both. A
-`FeatureSet` is fixed by the spec (attribute label lists become fixed categorical
-categories), the number of caption-token buckets and the ablation variant, and it is saved
-with the model (`to_dict`/`from_dict`).
+column means the same thing in both. A `FeatureSet` is fixed by the spec (attribute label
+lists become fixed categorical categories, the semantic ID's levels and codes fixed
+categoricals too), the catalogue's genre vocabulary, the number of caption-token buckets and
+the ablation variant, and it is saved with the model (`to_dict`/`from_dict`).
+
+Feature groups, each from its own source:
+
+    stats         item and user interaction statistics (item_stats, user_stats)
+    genres        the catalogue's own human genres, multi-hot (item_metadata:genres)
+    attributes    LLM attribute labels and confidences, and the user's past share of the
+                  item's label (item_annotations, user_stats)
+    captions      hashed bag of the caption's tokens (item_annotations:caption_tokens)
+    semantic_ids  the semantic ID's code per level, one categorical each
+                  (item_annotations:semantic_id)
+
+A variant is a set of groups (`VARIANTS`); every variant has the statistics.
 """
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
 
+from udfs.schema import share_column
 from udfs.spec import Spec
 from udfs.tokens import bucket_counts
 
 ITEM_ANNOTATIONS, ITEM_STATS, USER_STATS = "item_annotations", "item_stats", "user_stats"
+ITEM_METADATA, GENRES = "item_metadata", "genres"  # the catalogue's own metadata view
+GENRE_SEP = "|"
 ITEM_BASELINE = ("item_n_ratings", "item_mean_rating")
 USER_BASELINE = ("user_n_ratings", "user_mean_rating")
-# Ablation variants, each adding to the one before.
-VARIANTS = ("baseline", "attributes", "captions")
+# Ablation variants: the feature groups each adds to the interaction statistics. The LLM
+# groups are each measured against "genres" (what a catalogue already has), "all" is served.
+VARIANTS = {"baseline": (), "genres": ("genres",),
+            "attributes": ("genres", "attributes"), "captions": ("genres", "captions"),
+            "semantic_ids": ("genres", "semantic_ids"),
+            "all": ("genres", "attributes", "captions", "semantic_ids")}
+REFERENCE = "genres"
 
 
-def share_column(attribute: str, label: str) -> str:
-    """user_stats column holding the user's past share of items with this label."""
-    return f"user_{attribute}_share_" + re.sub(r"\W", "_", label)
+def cross_column(attribute: str) -> str:
+    """Model column: the user's past share of items carrying this item's label."""
+    return f"user_share_{attribute}"
+
+
+def genre_column(genre: str) -> str:
+    return "genre_" + re.sub(r"\W", "_", genre.lower())
+
+
+def sid_column(level: int) -> str:
+    """Model column: the semantic ID's code at `level` (1-based), a categorical."""
+    return f"sid_l{level}"
+
+
+def genre_vocabulary(values) -> tuple[str, ...]:
+    """The sorted genres of "A|B"-joined genre strings (missing values skipped)."""
+    found = {g.strip() for v in values if isinstance(v, str) for g in v.split(GENRE_SEP)}
+    return tuple(sorted(g for g in found if g))
 
 
 @dataclass(frozen=True)
 class FeatureSet:
     attributes: tuple[tuple[str, tuple[str, ...]], ...]  # (name, labels) in spec order
-    share_attribute: str | None = None  # attribute whose per-label user shares personalise
+    share_attributes: tuple[str, ...] = ()  # attributes whose per-label user shares personalise
     n_buckets: int = 32
-    variant: str = "captions"
+    variant: str = "all"
+    genres: tuple[str, ...] = ()  # the catalogue's genre vocabulary; () = no genre features
+    semantic_levels: int = 0      # the spec's semantic ID: levels and codes; 0 = none
+    semantic_codes: int = 0
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
-            raise ValueError(f"unknown variant {self.variant!r}; choose one of {VARIANTS}")
-        if self.share_attribute and self.share_attribute not in dict(self.attributes):
-            raise ValueError(f"share attribute {self.share_attribute!r} is not a spec attribute")
+            raise ValueError(f"unknown variant {self.variant!r}; choose one of {list(VARIANTS)}")
+        unknown = [a for a in self.share_attributes if a not in dict(self.attributes)]
+        if unknown:
+            raise ValueError(f"share attributes {unknown} are not spec attributes "
+                             f"{[n for n, _ in self.attributes]}")
         if self.n_buckets < 1:
             raise ValueError("n_buckets must be >= 1")
+        names = [genre_column(g) for g in self.genres]
+        if len(set(names)) != len(names):
+            raise ValueError(f"genres {list(self.genres)} collide as column names")
+        if self.semantic_levels < 0 or (self.semantic_levels and self.semantic_codes < 2):
+            raise ValueError("semantic_levels must be >= 0, and semantic_codes >= 2 with levels")
 
     @classmethod
-    def from_spec(cls, spec: Spec, share_attribute: str | None = "vibe", n_buckets: int = 32,
-                  variant: str = "captions") -> FeatureSet:
-        return cls(tuple((n, a.labels) for n, a in spec.attributes.items()),
-                   share_attribute, n_buckets, variant)
+    def from_spec(cls, spec: Spec, share_attributes: Sequence[str] | None = None,
+                  n_buckets: int = 32, variant: str = "all",
+                  genres: Sequence[str] = ()) -> FeatureSet:
+        """Every spec attribute is a feature; the user shares default to all of them; the
+        semantic ID's levels and codes come from the spec."""
+        shares = tuple(spec.attributes) if share_attributes is None else tuple(share_attributes)
+        sid = spec.semantic_id
+        return cls(tuple((n, a.labels) for n, a in spec.attributes.items()), shares,
+                   n_buckets, variant, tuple(genres), sid.levels if sid else 0,
+                   sid.codes if sid else 0)
 
     def with_variant(self, variant: str) -> FeatureSet:
-        return FeatureSet(self.attributes, self.share_attribute, self.n_buckets, variant)
+        return replace(self, variant=variant)
+
+    def with_genres(self, genres: Sequence[str]) -> FeatureSet:
+        return replace(self, genres=tuple(genres))
 
     def to_dict(self) -> dict:
         return {"attributes": {n: list(labels) for n, labels in self.attributes},
-                "share_attribute": self.share_attribute, "n_buckets": self.n_buckets,
-                "variant": self.variant}
+                "share_attributes": list(self.share_attributes), "n_buckets": self.n_buckets,
+                "variant": self.variant, "genres": list(self.genres),
+                "semantic_levels": self.semantic_levels, "semantic_codes": self.semantic_codes}
 
     @classmethod
     def from_dict(cls, d: dict) -> FeatureSet:
+        shares = d.get("share_attributes")
+        if shares is None:  # format of models saved before several share attributes
+            shares = [d["share_attribute"]] if d.get("share_attribute") else []
         return cls(tuple((n, tuple(labels)) for n, labels in d["attributes"].items()),
-                   d.get("share_attribute"), int(d["n_buckets"]), d["variant"])
+                   tuple(shares), int(d["n_buckets"]), d["variant"],
+                   tuple(d.get("genres", ())), int(d.get("semantic_levels", 0)),
+                   int(d.get("semantic_codes", 0)))
+
+    @property
+    def groups(self) -> tuple[str, ...]:
+        """The variant's groups that this feature set can build (genres need a vocabulary,
+        semantic IDs a spec that has them)."""
+        return tuple(g for g in VARIANTS[self.variant]
+                     if (g != "genres" or self.genres)
+                     and (g != "semantic_ids" or self.semantic_levels))
+
+    @property
+    def _genred(self) -> bool:
+        return "genres" in self.groups
 
     @property
     def _annotated(self) -> bool:
-        return self.variant != "baseline"
+        return "attributes" in self.groups
 
     @property
     def _captioned(self) -> bool:
-        return self.variant == "captions"
+        return "captions" in self.groups
+
+    @property
+    def _coded(self) -> bool:
+        return "semantic_ids" in self.groups
 
     def _share_columns(self) -> list[str]:
-        attr = self.share_attribute
-        return [share_column(attr, lab) for lab in dict(self.attributes)[attr]] if attr else []
+        labels = dict(self.attributes)
+        return [share_column(a, lab) for a in self.share_attributes for lab in labels[a]]
 
     def item_refs(self) -> list[str]:
         """Feast feature references keyed by item."""
         refs = [f"{ITEM_STATS}:{c}" for c in ITEM_BASELINE]
+        if self._genred:
+            refs.append(f"{ITEM_METADATA}:{GENRES}")
         if self._annotated:
             refs += [f"{ITEM_ANNOTATIONS}:{n}_{s}" for n, _ in self.attributes
                      for s in ("label", "confidence")]
         if self._captioned:
             refs.append(f"{ITEM_ANNOTATIONS}:caption_tokens")
+        if self._coded:
+            refs.append(f"{ITEM_ANNOTATIONS}:semantic_id")
         return refs
 
     def user_refs(self) -> list[str]:
         """Feast feature references keyed by user."""
         refs = [f"{USER_STATS}:{c}" for c in USER_BASELINE]
-        if self._annotated and self.share_attribute:
+        if self._annotated:
             refs += [f"{USER_STATS}:{c}" for c in self._share_columns()]
         return refs
 
@@ -99,12 +180,15 @@ class FeatureSet:
     def columns(self) -> list[str]:
         """The model's input columns, in order."""
         cols = [*ITEM_BASELINE, *USER_BASELINE]
+        if self._genred:
+            cols += [genre_column(g) for g in self.genres]
         if self._annotated:
             cols += [f"{n}_{s}" for n, _ in self.attributes for s in ("label", "confidence")]
-            if self.share_attribute:
-                cols.append(f"user_share_{self.share_attribute}")
+            cols += [cross_column(a) for a in self.share_attributes]
         if self._captioned:
             cols += [f"caption_bucket_{i:02d}" for i in range(self.n_buckets)]
+        if self._coded:
+            cols += [sid_column(level) for level in range(1, self.semantic_levels + 1)]
         return cols
 
     # The matrix is built in two halves that serving caches separately: an item block (one
@@ -115,7 +199,7 @@ class FeatureSet:
     def item_columns(self) -> list[str]:
         """Columns of the item block: every model input but the user stats and the cross
         feature (which `assemble` computes), labels as codes."""
-        not_items = {*USER_BASELINE, f"user_share_{self.share_attribute}"}
+        not_items = {*USER_BASELINE, *(cross_column(a) for a in self.share_attributes)}
         return [c for c in self.columns if c not in not_items]
 
     @cached_property
@@ -128,10 +212,15 @@ class FeatureSet:
 
         A label becomes its index in the spec's label list (NaN when null or outside the
         list, so an unexpected label can never shift the codes); no caption is NaN in every
-        bucket, an empty caption is zero counts.
+        bucket, an empty caption is zero counts; an item without metadata is NaN in every
+        genre column; a semantic ID's codes are its categories (NaN when missing, out of
+        range or of the wrong length).
         """
         _require(rows, [r.split(":", 1)[1] for r in self.item_refs()])
         out = {c: _numeric(rows[c]) for c in ITEM_BASELINE}
+        if self._genred:
+            hot = _multi_hot(rows[GENRES], self.genres)
+            out.update({genre_column(g): hot[:, i] for i, g in enumerate(self.genres)})
         if self._annotated:
             for name, labels in self.attributes:
                 out[f"{name}_label"] = _codes(rows[f"{name}_label"], labels)
@@ -142,6 +231,10 @@ class FeatureSet:
             counts = bucket_counts(tokens, self.n_buckets).astype(np.float64)
             counts[[t is None for t in tokens]] = np.nan  # no caption is not an empty caption
             out.update({f"caption_bucket_{i:02d}": counts[:, i] for i in range(self.n_buckets)})
+        if self._coded:
+            codes = _code_paths(rows["semantic_id"], self.semantic_levels, self.semantic_codes)
+            out.update({sid_column(level + 1): codes[:, level]
+                        for level in range(self.semantic_levels)})
         return _stack([out[c] for c in self.item_columns], len(rows))
 
     def encode_users(self, rows: pd.DataFrame) -> np.ndarray:
@@ -152,30 +245,34 @@ class FeatureSet:
     def assemble(self, items: np.ndarray, users: np.ndarray) -> np.ndarray:
         """The model matrix (float64, `columns` order) from an item block and a user block
         with one row per item row, or a single row that every item row shares."""
-        n, (to_item, to_user, code_col, to_cross) = len(items), self._layout
+        n, (to_item, to_user, crosses) = len(items), self._layout
         users = np.broadcast_to(users, (n, len(self.user_columns)))
         out = np.empty((n, len(self.columns)))
         out[:, to_item] = items
         out[:, to_user] = users[:, :len(USER_BASELINE)]
-        if to_cross is not None:
+        rows = np.arange(n)
+        for code_col, first_share, to_cross in crosses:
             # the user's past share of items carrying this item's label
             codes = items[:, code_col]
             known = ~np.isnan(codes)
-            shares = users[:, len(USER_BASELINE):]
-            picked = shares[np.arange(n), np.where(known, codes, 0).astype(np.intp)]
+            picked = users[rows, first_share + np.where(known, codes, 0).astype(np.intp)]
             out[:, to_cross] = np.where(known, picked, np.nan)
         return out
 
     @cached_property
-    def _layout(self) -> tuple[list[int], list[int], int | None, int | None]:
-        """Where the blocks go in the matrix: item and user-stat positions, and for the
-        cross feature the item block's label-code column and the matrix position."""
-        cols = self.columns
-        cross = self._annotated and self.share_attribute
+    def _layout(self) -> tuple[list[int], list[int], list[tuple[int, int, int]]]:
+        """Where the blocks go in the matrix: item and user-stat positions, and per cross
+        feature (the item block's label-code column, the user block's first share column
+        of that attribute, the matrix position)."""
+        cols, labels = self.columns, dict(self.attributes)
+        crosses, first = [], len(USER_BASELINE)
+        if self._annotated:
+            for a in self.share_attributes:
+                crosses.append((self.item_columns.index(f"{a}_label"), first,
+                                cols.index(cross_column(a))))
+                first += len(labels[a])
         return ([cols.index(c) for c in self.item_columns],
-                [cols.index(c) for c in USER_BASELINE],
-                self.item_columns.index(f"{self.share_attribute}_label") if cross else None,
-                cols.index(f"user_share_{self.share_attribute}") if cross else None)
+                [cols.index(c) for c in USER_BASELINE], crosses)
 
     def matrix(self, rows: pd.DataFrame) -> pd.DataFrame:
         """The model matrix for feature rows holding both item and user columns, labels as
@@ -184,9 +281,11 @@ class FeatureSet:
         out = pd.DataFrame(x, columns=self.columns, index=rows.index)
         if self._annotated:
             for name, labels in self.attributes:
-                codes = out[f"{name}_label"].to_numpy()
-                out[f"{name}_label"] = pd.Categorical.from_codes(
-                    np.where(np.isnan(codes), -1, codes).astype(np.int64), categories=list(labels))
+                out[f"{name}_label"] = _categorical(out[f"{name}_label"], list(labels))
+        if self._coded:
+            for level in range(1, self.semantic_levels + 1):
+                out[sid_column(level)] = _categorical(out[sid_column(level)],
+                                                      list(range(self.semantic_codes)))
         return out
 
 
@@ -198,6 +297,38 @@ def _require(rows: pd.DataFrame, needed: list[str]) -> None:
 
 def _stack(cols: list[np.ndarray], n: int) -> np.ndarray:
     return np.column_stack(cols) if cols else np.empty((n, 0))
+
+
+def _categorical(codes: pd.Series, categories: list) -> pd.Categorical:
+    codes = codes.to_numpy()
+    return pd.Categorical.from_codes(np.where(np.isnan(codes), -1, codes).astype(np.int64),
+                                     categories=categories)
+
+
+def _multi_hot(col: pd.Series, genres: tuple[str, ...]) -> np.ndarray:
+    """1/0 per genre of "A|B" strings; NaN throughout for an item without metadata."""
+    index = {g: i for i, g in enumerate(genres)}
+    out = np.zeros((len(col), len(genres)))
+    for row, value in enumerate(col):
+        if not isinstance(value, str):
+            out[row] = np.nan
+            continue
+        for g in value.split(GENRE_SEP):
+            i = index.get(g.strip())
+            if i is not None:
+                out[row, i] = 1.0
+    return out
+
+
+def _code_paths(col: pd.Series, levels: int, codes: int) -> np.ndarray:
+    """(rows, levels) float codes of semantic-ID arrays; NaN for a missing or malformed one."""
+    out = np.full((len(col), levels), np.nan)
+    for row, value in enumerate(col):
+        if isinstance(value, (list, tuple, np.ndarray)) and len(value) == levels:
+            path = np.asarray(value, dtype=np.float64)
+            if ((path >= 0) & (path < codes)).all():
+                out[row] = path
+    return out
 
 
 def _codes(col: pd.Series, labels: tuple[str, ...]) -> np.ndarray:

@@ -1,13 +1,35 @@
-"""Annotate an item table with LLM features and write the offline feature table.
+"""Annotate an item table with LLM features and append them to the offline feature table.
 
     spark-submit spark_jobs/annotate.py --spec specs/movielens.yaml \
-        --input items.parquet --output feature_repo/data/item_annotations [--engine embedding]
+        --input items.parquet --output feature_repo/data/item_annotations \
+        [--id-column item_id] [--text-columns title,description] [--timestamp-column T]
 
-The query runs over the view `items` (the input plus a `content_hash` column); by default it
-calls annotate() for every attribute of the spec and caption() once. Incremental: rows whose
-content hash and spec version are already in the output (without error) are reused, not sent to
-the engine again. The output is rewritten whole into a temporary directory and swapped in, so a
-re-run or a retried task never leaves duplicates or a half-written table.
+Incremental per part (each attribute, and the caption): a part is annotated again only for
+items that are new, whose text changed, whose previous annotation of that part failed, or
+whose definition of that part changed in the spec; every other part of the row is carried
+over. Items with nothing to redo get no new row. A run appends one file to the table's
+history and commits it with a single object move (udfs.table), so readers see the previous
+table or the new one, never a partial one, and a re-run or a retried task leaves no
+duplicates.
+
+Time: a new item's row is valid from its --timestamp-column value (when it became available;
+the run's time when the column is not given or null); a re-annotation is valid from the run's
+time, so point-in-time training before the change still sees the old values and
+`feast materialize-incremental` picks up the new ones (docs/ARCHITECTURE.md).
+
+The query (default: `annotate_all(<text columns>)`, or --sql) runs over the view `items`
+(the input's rows that need work, plus `content_hash`). It returns the id column and either
+an annotate_all(...) column, or one column per attribute named after it
+(`annotate('mood', text) AS mood`), `caption(text) AS caption` and `semantic_id(text) AS
+semantic_id`. A WHERE clause is fine: rows it does not select keep their previous annotation,
+or stay absent if they have none.
+
+Semantic IDs (a `semantic_id:` section in the spec): before planning, the job takes the
+quantiser saved under the table for the spec's settings and the engine's embedding model, or
+fits one on a sample of the input's --text-columns (udfs.semantic_fit) and saves it under
+`<output>/_quantizers/<version>/`; `--refit-semantic-ids` fits again. The semantic_id part's
+version is the quantiser's, so its codes are assigned again exactly when the quantiser
+changes. The closing report gives the quantiser and its code usage over the table.
 """
 from __future__ import annotations
 
@@ -16,44 +38,38 @@ import json
 import logging
 import sys
 import time
-import uuid
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
-import yaml
-from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 from pyspark.sql.types import StructType
 
 from udfs import register
-from udfs.engines import DEFAULT_ENGINE, EngineConfigError, check_config
+from udfs import schema as S
+from udfs import semantic_ids
+from udfs.engines import DEFAULT_ENGINE, EngineConfigError, check_config, parse_engine
+from udfs.schema import AnnotationSchema, SchemaError, id_type_of
+from udfs.semantic_fit import quantizer_for
+from udfs.semantic_ids import QuantizerError
 from udfs.spec import Spec, SpecError, load_spec
+from udfs.table import FeatureTable, TableError, new_run_id, run_file_name
 
 log = logging.getLogger("annofeat.annotate")
 HASH_SEP = "\u241f"  # a separator that does not occur in ordinary text
+PREV = "__prev_"     # prefix of the previous row's columns while planning
+REASONS = ("full", "new", "content", "definition", "retry")
 
 
 class JobError(RuntimeError):
     """A problem with the job's inputs or configuration; the message says what to fix."""
 
 
-def default_query(spec: Spec, text_columns: list[str]) -> str:
+def default_query(text_columns: list[str]) -> str:
     # annotate_all: one UDF call, so one Python worker and one engine per task
-    return f"SELECT *, annotate_all({', '.join(text_columns)}) AS annotations FROM items"
-
-
-def parse_engine(value: str | None) -> dict:
-    """--engine accepts a type name, inline JSON, or a YAML/JSON file."""
-    if not value:
-        return dict(DEFAULT_ENGINE)
-    if value.lstrip().startswith("{"):
-        return json.loads(value)
-    if Path(value).is_file():
-        config = yaml.safe_load(Path(value).read_text())
-        if not isinstance(config, dict) or "type" not in config:
-            raise JobError(f"engine file {value} must be a mapping with a 'type' key")
-        return config
-    return {"type": value}
+    cols = ", ".join(f"`{c}`" for c in text_columns)
+    return f"SELECT *, annotate_all({cols}) AS annotations FROM items"
 
 
 def read_table(spark: SparkSession, path: str) -> DataFrame:
@@ -62,74 +78,6 @@ def read_table(spark: SparkSession, path: str) -> DataFrame:
     if path.endswith(".json") or path.endswith(".jsonl"):
         return spark.read.json(path)
     return spark.read.parquet(path)
-
-
-def _fs(spark: SparkSession, path: str):
-    jvm = spark._jvm
-    p = jvm.org.apache.hadoop.fs.Path(path)
-    return p.getFileSystem(spark._jsc.hadoopConfiguration()), p
-
-
-def table_exists(spark: SparkSession, path: str) -> bool:
-    fs, p = _fs(spark, path)
-    return fs.exists(p)
-
-
-def swap_in(spark: SparkSession, tmp: str, output: str) -> None:
-    """Replace `output` by `tmp` with two renames (old table removed last)."""
-    fs, out = _fs(spark, output)
-    _, new = _fs(spark, tmp)
-    old = None
-    if fs.exists(out):
-        old = out.suffix(f"._old_{uuid.uuid4().hex[:8]}")
-        if not fs.rename(out, old):
-            raise JobError(f"could not move the old table {output} aside")
-    if not fs.rename(new, out):
-        if old is not None:
-            fs.rename(old, out)
-        raise JobError(f"could not move the new table into {output}")
-    if old is not None:
-        fs.delete(old, True)
-    # Leftovers of runs killed before their swap: one writer per table, so they are stale.
-    for status in fs.globStatus(out.suffix("._tmp_*")) or []:
-        fs.delete(status.getPath(), True)
-
-
-def flatten(df: DataFrame, spec: Spec, id_column: str) -> DataFrame:
-    """Struct columns from the SQL functions become the feature table's flat columns."""
-    cols = [F.col(id_column).cast("long").alias("item_id"), F.col("event_timestamp"),
-            F.col("content_hash")]
-    models, errors = [], []
-    for field in df.schema.fields:
-        if not isinstance(field.dataType, StructType):
-            continue
-        names = field.dataType.fieldNames()
-        c = F.col(field.name)
-        if {"model", "error"} <= set(names) and any(n.endswith("_label") for n in names):
-            # annotate_all(): already in table form
-            cols += [c[n].alias(n) for n in names if n not in ("model", "error")]
-            models.append(c["model"])
-            errors.append(c["error"])
-            continue
-        if {"label", "confidence"} <= set(names):
-            cols += [c["label"].alias(f"{field.name}_label"),
-                     c["confidence"].alias(f"{field.name}_confidence")]
-            models.append(c["model"])
-        elif {"caption", "tokens"} <= set(names):
-            cols += [c["caption"].alias("caption"), c["tokens"].alias("caption_tokens")]
-        else:
-            continue
-        errors.append(F.when(c["error"].isNotNull(),
-                             F.concat(F.lit(field.name + ": "), c["error"])))
-    if not models:
-        raise JobError("the query returned no annotate() or annotate_all() column; "
-                       "nothing to write")
-    cols += [F.coalesce(*models).alias("model"),
-             F.lit(spec.version).alias("spec_version"),
-             (F.concat_ws("; ", *errors) if errors else F.lit(None)).alias("error")]
-    out = df.select(*cols)
-    # concat_ws gives "" when every part is null: keep "no error" as null.
-    return out.withColumn("error", F.when(F.col("error") != "", F.col("error")))
 
 
 @dataclass(frozen=True)
@@ -156,126 +104,432 @@ class Routing:
         return todo.where(pop >= threshold), todo.where(pop < threshold)
 
 
-def _annotate_part(spark: SparkSession, spec: Spec, part: DataFrame, engine: dict | None,
-                   query: str, id_column: str, tier: str, fail_on_error: bool,
-                   engine_seconds) -> DataFrame:
-    register(spark, spec, engine=engine, fail_on_error=fail_on_error,
-             engine_seconds=engine_seconds)
-    part.createOrReplaceTempView("items")
-    annotated = spark.sql(query)
-    if id_column not in annotated.columns:
-        raise JobError(f"the query must return the id column {id_column!r}")
-    for col in ("event_timestamp", "content_hash"):
-        if col not in annotated.columns:
-            annotated = annotated.join(part.select(id_column, col), id_column)
-    return (flatten(annotated, spec, id_column)
-            .withColumn("labelled_by", F.lit(tier))
-            .withColumn("created_timestamp", F.current_timestamp()))
+# --- reading the query's output ---------------------------------------------------------
+
+def annotation_columns(result: DataFrame, table: AnnotationSchema, parts: list[str]) -> list:
+    """The query's columns for `parts` in table form, plus `__model` and `__error`.
+
+    Accepts an annotate_all() struct (any alias) or, per part, a column named after it
+    (annotate('x', ...) AS x, caption(...) AS caption). Raises JobError naming what is
+    missing, so a bad query fails before any engine work.
+    """
+    wanted = [c.name for p in parts for c in table.part_columns(p)]
+    for field in result.schema.fields:
+        if isinstance(field.dataType, StructType) and \
+                set(wanted) | {S.MODEL, S.ERROR} <= set(field.dataType.fieldNames()):
+            c = F.col(f"`{field.name}`")
+            return ([c[n].alias(n) for n in wanted]
+                    + [c[S.MODEL].alias("__model"), c[S.ERROR].alias("__error")])
+    cols, models, errors, missing = [], [], [], []
+    for part in parts:
+        field = next((f for f in result.schema.fields if f.name == part), None)
+        if field is None or not isinstance(field.dataType, StructType):
+            missing.append(part)
+            continue
+        c = F.col(f"`{part}`")
+        if part == S.CAPTION:
+            cols += [c["caption"].alias(S.CAPTION), c["tokens"].alias(S.CAPTION_TOKENS),
+                     c["version"].alias(S.CAPTION_VERSION)]
+        elif part == S.SEMANTIC_ID:
+            cols += [c["codes"].alias(S.SEMANTIC_ID), c["tokens"].alias(S.SEMANTIC_ID_TOKENS),
+                     c["version"].alias(S.SEMANTIC_ID_VERSION)]
+        else:
+            cols += [c["label"].alias(S.label(part)), c["confidence"].alias(S.confidence(part)),
+                     c["version"].alias(S.version(part))]
+            models.append(c["model"])
+        errors.append(F.when(c["error"].isNotNull(), F.concat(F.lit(part + ": "), c["error"])))
+    if missing:
+        raise JobError(
+            f"the query returns no annotation for {missing}: return annotate_all(<text>) or, "
+            f"per part, a column named after it (annotate('{missing[0]}', <text>) AS "
+            f"{missing[0]}, caption(<text>) AS caption, semantic_id(<text>) AS semantic_id); "
+            f"it returns {result.columns}")
+    model = F.coalesce(*models) if models else F.lit(None).cast("string")
+    error = F.concat_ws("; ", *errors)
+    return cols + [model.alias("__model"), F.when(error != "", error).alias("__error")]
 
 
-def run(spark: SparkSession, spec: Spec, items: DataFrame, output: str,
-        engine: dict | None = None, sql: str | None = None, id_column: str = "item_id",
-        text_columns: list[str] | None = None, full: bool = False,
-        fail_on_error: bool = False, routing: Routing | None = None) -> dict:
-    """Annotate `items` into the feature table at `output`; returns the closing report."""
-    started = time.time()
-    text_columns = text_columns or ["title", "description"]
-    missing = [c for c in [id_column, "event_timestamp", *text_columns] if c not in items.columns]
+# --- planning: what each item needs ------------------------------------------------------
+
+def latest(history: DataFrame, key: str) -> DataFrame:
+    """The newest row per item, by Feast's rule (event time, then created time)."""
+    w = Window.partitionBy(key).orderBy(F.col(S.EVENT_TIMESTAMP).desc(),
+                                        F.col(S.CREATED_TIMESTAMP).desc())
+    return history.withColumn("__n", F.row_number().over(w)).where("__n = 1").drop("__n")
+
+
+def project(history: DataFrame, table: AnnotationSchema) -> DataFrame:
+    """Rows of an older table in this schema's columns: absent columns are null (so their
+    parts count as never annotated), columns the spec no longer has are dropped."""
+    return history.select(*[
+        (F.col(c.name) if c.name in history.columns else F.lit(None))
+        .cast(table.spark_type(c.type)).alias(c.name) for c in table.columns])
+
+
+def reason(part: str, table: AnnotationSchema, full: bool):
+    """Why `part` must be annotated for a row (null: it can be reused)."""
+    p = lambda name: F.col(PREV + name)  # noqa: E731
+    return (F.when(F.lit(full), "full")
+            .when(p(table.id_column).isNull(), "new")
+            .when(~p(S.CONTENT_HASH).eqNullSafe(F.col(S.CONTENT_HASH)), "content")
+            .when(~p(S.version(part)).eqNullSafe(F.lit(table.part_version(part))), "definition")
+            .when(p(table.value_column(part)).isNull(), "retry"))
+
+
+def plan(hashed: DataFrame, previous: DataFrame | None, table: AnnotationSchema,
+         full: bool) -> DataFrame:
+    """The input with the previous row's columns (PREV-prefixed), a reason per part and
+    `__todo`: the comma-joined parts to annotate ("" when nothing)."""
+    key = table.id_column
+    if previous is None:
+        prev = hashed.sparkSession.createDataFrame([], table.spark_ddl())
+    else:
+        prev = previous
+    prev = prev.select(*[F.col(c).alias(PREV + c) for c in table.names])
+    joined = hashed.join(prev, hashed[key] == prev[PREV + key], "left")
+    for part in table.parts:
+        joined = joined.withColumn(f"__why_{part}", reason(part, table, full))
+    todo = F.concat_ws(",", *[F.when(F.col(f"__why_{p}").isNotNull(), F.lit(p))
+                              for p in table.parts])
+    return joined.withColumn("__todo", todo)
+
+
+def part_counts(planned: DataFrame, table: AnnotationSchema) -> tuple[dict, dict]:
+    """Per part {reason: rows}, and {todo parts: rows}, in one pass over the plan."""
+    aggs = [F.sum(F.when(F.col(f"__why_{p}") == r, 1).otherwise(0)).alias(f"{p}|{r}")
+            for p in table.parts for r in REASONS]
+    row = planned.agg(*aggs).first().asDict()
+    by_part = {p: {r: int(row[f"{p}|{r}"] or 0) for r in REASONS if row[f"{p}|{r}"]}
+               for p in table.parts}
+    groups = {r["__todo"]: r["count"] for r in
+              planned.where(F.col("__todo") != "").groupBy("__todo").count().collect()}
+    return by_part, groups
+
+
+def table_rows(annotated: DataFrame, rows: DataFrame, table: AnnotationSchema,
+               parts: list[str], tier: str, run_ts: datetime) -> DataFrame:
+    """Complete table rows: the annotated parts from the query, the other parts carried over
+    from the previous row, stamped per the time rule."""
+    key = table.id_column
+    # a left join: a row the query invented (an id not in `items`) keeps a null content
+    # hash, which _check_staged refuses
+    slim = rows.select(F.col(key), S.CONTENT_HASH, "__available",
+                       *[PREV + c for c in table.names])
+    joined = annotated.join(slim, key, "left")
+    prev = lambda name: F.col(PREV + name)  # noqa: E731
+    now = F.lit(run_ts).cast("timestamp")
+    event = (F.when(prev(key).isNull(), F.coalesce(F.col("__available"), now))
+             .otherwise(F.greatest(now, prev(S.EVENT_TIMESTAMP))))
+    out = {key: F.col(key), S.EVENT_TIMESTAMP: event, S.CREATED_TIMESTAMP: now}
+    for part in table.parts:
+        for c in table.part_columns(part):
+            out[c.name] = F.col(c.name) if part in parts else prev(c.name)
+    out.update({S.MODEL: F.col("__model"), S.LABELLED_BY: F.lit(tier),
+                S.SPEC_VERSION: F.lit(table.spec.version), S.CONTENT_HASH: F.col(S.CONTENT_HASH),
+                S.ERROR: F.col("__error")})
+    # A retry that fails again the same way changes nothing: write no row for it, so a
+    # permanently bad item (e.g. empty text) does not grow the history on every run.
+    same = prev(key).isNotNull() & prev(S.CONTENT_HASH).eqNullSafe(F.col(S.CONTENT_HASH)) \
+        & prev(S.ERROR).eqNullSafe(F.col("__error")) & prev(S.MODEL).eqNullSafe(F.col("__model"))
+    for part in parts:
+        for c in table.part_columns(part):
+            same = same & prev(c.name).eqNullSafe(F.col(c.name))
+    return joined.where(~same).select(*[out[c.name].cast(table.spark_type(c.type)).alias(c.name)
+                                        for c in table.columns])
+
+
+# --- the run -----------------------------------------------------------------------------
+
+def _fault(step: str) -> None:
+    """Fault injection for the commit-protocol tests: ANNOFEAT_FAULT=<step> kills the driver
+    at that step, as a crash or a SIGKILL would (no cleanup runs)."""
+    import os
+    if os.environ.get("ANNOFEAT_FAULT") == step:
+        print(f"[annotate] fault injected at {step}", flush=True)
+        os._exit(137)
+
+
+def available_time(items: DataFrame, column: str | None):
+    """When each item became available: the named column as a timestamp (numbers are epoch
+    seconds), null where absent (the run's time is used then)."""
+    if column is None:
+        return F.lit(None).cast("timestamp")
+    kind = items.schema[column].dataType.simpleString()
+    c = F.col(f"`{column}`")
+    if kind in ("tinyint", "smallint", "int", "bigint", "float", "double") \
+            or kind.startswith("decimal"):
+        return F.timestamp_seconds(c)
+    return F.try_to_timestamp(c) if kind == "string" else c.cast("timestamp")
+
+
+def check_input(items: DataFrame, id_column: str, text_columns: list[str],
+                timestamp_column: str | None) -> str:
+    """Fail before any engine work on a table the job cannot use; returns the id type."""
+    needed = [id_column, *text_columns, *([timestamp_column] if timestamp_column else [])]
+    missing = [c for c in needed if c not in items.columns]
     if missing:
         raise JobError(f"input table lacks columns {missing}; it has {items.columns}")
+    try:
+        id_type = id_type_of(items.schema[id_column].dataType.simpleString())
+    except SchemaError as exc:
+        raise JobError(str(exc)) from None
     bad_ids = items.groupBy(id_column).count().where(
         F.col(id_column).isNull() | (F.col("count") > 1)).limit(5).collect()
     if bad_ids:
         raise JobError(f"{id_column} must be unique and non-null; offending ids: "
                        f"{[r[id_column] for r in bad_ids]}")
+    if timestamp_column and items.schema[timestamp_column].dataType.simpleString() == "string":
+        c = F.col(f"`{timestamp_column}`")
+        bad = items.where(c.isNotNull() & F.try_to_timestamp(c).isNull()).limit(3).collect()
+        if bad:
+            raise JobError(f"--timestamp-column {timestamp_column!r} holds values that are not "
+                           f"timestamps, e.g. {[r[timestamp_column] for r in bad]}")
+    return id_type
 
-    hashed = items.withColumn("content_hash", F.sha2(F.concat_ws(
-        HASH_SEP, *[F.coalesce(F.col(c).cast("string"), F.lit("")) for c in text_columns]), 256))
-    rows_in = hashed.count()
-    query = sql or default_query(spec, text_columns)
+
+def run(spark: SparkSession, spec: Spec, items: DataFrame, output: str,
+        engine: dict | None = None, sql: str | None = None, id_column: str = "item_id",
+        text_columns: list[str] | None = None, timestamp_column: str | None = None,
+        full: bool = False, fail_on_error: bool = False, routing: Routing | None = None,
+        refit_semantic_ids: bool = False, embed_engine: dict | None = None,
+        progress=print) -> dict:
+    """Annotate what `items` needs into the feature table at `output`; returns the report.
+
+    `embed_engine` (default: `engine`) embeds the texts for semantic IDs: needed when the
+    annotating engine cannot embed (vllm, transformers, openai, a student)."""
+    engine = dict(engine or DEFAULT_ENGINE)
+    embedder = engine if embed_engine is None else embed_engine  # for every routing tier
+    started = time.time()
+    run_ts = datetime.now(timezone.utc)  # aware: PySpark reads naive times as local time
+    run_id = new_run_id()
+    text_columns = text_columns or ["title", "description"]
+    id_type = check_input(items, id_column, text_columns, timestamp_column)
+    try:
+        table = AnnotationSchema(spec, id_column, id_type)
+    except SchemaError as exc:
+        raise JobError(str(exc)) from None
+    store = FeatureTable(output)
+    try:
+        store.check_key(table)
+    except TableError as exc:
+        raise JobError(str(exc)) from None
+    query = sql or default_query(text_columns)
     engine_seconds = spark.sparkContext.accumulator(0.0)
+    say = lambda msg: progress(f"[annotate] {msg}", flush=True)  # noqa: E731
 
-    def part(frame: DataFrame, cfg: dict | None, tier: str) -> DataFrame:
-        return _annotate_part(spark, spec, frame, cfg, query, id_column, tier,
-                              fail_on_error, engine_seconds)
+    # The query's shape is checked on an empty view before any engine work.
+    hashed = (items
+              .withColumn(S.CONTENT_HASH, F.sha2(F.concat_ws(HASH_SEP, *[
+                  F.coalesce(F.col(f"`{c}`").cast("string"), F.lit("")) for c in text_columns]),
+                  256))
+              .withColumn("__available", available_time(items, timestamp_column)))
+    view_columns = [F.col(f"`{c}`") for c in [*items.columns, S.CONTENT_HASH]]
+    _query(spark, spec, hashed.limit(0).select(*view_columns), query, engine, fail_on_error,
+           engine_seconds, table, table.parts, embedder=embedder)
 
-    columns = part(hashed.limit(0), engine, "head").columns
-    reused = None
-    if not full and table_exists(spark, output):
-        previous = spark.read.parquet(output)
-        if "labelled_by" not in previous.columns:
-            previous = previous.withColumn("labelled_by", F.lit("head"))
-        if set(columns) <= set(previous.columns):  # else the table predates this schema
-            reused = (previous
-                      .join(hashed.select(F.col(id_column).cast("long").alias("item_id"),
-                                          "content_hash", F.col("event_timestamp").alias("_ts")),
-                            ["item_id", "content_hash"])
-                      .where((F.col("spec_version") == spec.version) & F.col("error").isNull())
-                      .withColumn("event_timestamp", F.col("_ts"))
-                      .select(*columns).cache())
-    todo = hashed if reused is None else hashed.join(
-        reused.select(F.col("item_id").alias(id_column)), id_column, "left_anti")
-    n_reused = reused.count() if reused is not None else 0
-    n_todo = rows_in - n_reused
-    log.info("rows in: %d, reused: %d, to annotate: %d", rows_in, n_reused, n_todo)
-    print(f"[annotate] {rows_in} rows in, {n_reused} reused, {n_todo} to annotate", flush=True)
+    quantizer, sid_info = None, None
+    if spec.semantic_id is not None:
+        try:
+            quantizer, sid_info = quantizer_for(
+                items, text_columns, spec, embedder, table_root=output, id_column=id_column,
+                refit=refit_semantic_ids, say=say)
+        except QuantizerError as exc:
+            raise JobError(str(exc)) from None
+        table = AnnotationSchema(spec, id_column, id_type, quantizer_version=quantizer.version)
 
-    # Spread the work over every core even when the input is one file (one partition).
-    parallelism = spark.sparkContext.defaultParallelism
-    if todo.rdd.getNumPartitions() < parallelism:
-        todo = todo.repartition(parallelism)
-    # Each part is its own Spark job, so a worker switches engines at most once.
-    parts = [(todo, engine, "head")]
-    if routing is not None:
-        head, tail = routing.split(todo, id_column)
-        parts = [(head, engine, "head"), (tail, routing.engine, "tail")]
-    tmp = output.rstrip("/") + f"._tmp_{uuid.uuid4().hex[:8]}"
-    write_started = time.time()
-    mode = "error"
-    for frame, cfg, tier in parts:
-        part(frame, cfg, tier).select(*columns).write.mode(mode).parquet(tmp)
-        mode = "append"
-    write_seconds = time.time() - write_started
-    if reused is not None:
-        reused.write.mode(mode).parquet(tmp)
-    written = spark.read.parquet(tmp)
-    stats = written.agg(
-        F.count("*").alias("n"),
-        F.sum(F.col("error").isNotNull().cast("int")).alias("errors"),
-        F.sum((F.col("labelled_by") == "tail").cast("int")).alias("tail"),
-        F.countDistinct("item_id").alias("ids")).first()
-    if stats["n"] != rows_in or stats["ids"] != rows_in:
-        raise JobError(f"wrote {stats['n']} rows ({stats['ids']} distinct ids) for "
-                       f"{rows_in} input rows; the previous table is left in place")
-    swap_in(spark, tmp, output)
-    if reused is not None:
-        reused.unpersist()
+    previous, migrate, migrated_from = _previous(spark, store, table)
+    planned = plan(hashed, None if previous is None else latest(previous, id_column),
+                   table, full).persist()
+    try:
+        rows_in = planned.count()
+        by_part, groups = part_counts(planned, table)
+        n_todo = sum(groups.values())
+        say(f"{rows_in} rows in, {rows_in - n_todo} unchanged, {n_todo} to annotate"
+            + "".join(f"; {p}: " + ", ".join(f"{n} {r}" for r, n in why.items())
+                      for p, why in by_part.items() if why))
+        staged, write_seconds = [], 0.0
+        for i, (parts_key, n) in enumerate(sorted(groups.items(), key=lambda kv: -kv[1])):
+            parts = parts_key.split(",")
+            rows = planned.where(F.col("__todo") == parts_key)
+            view = rows.select(*view_columns)
+            parallelism = spark.sparkContext.defaultParallelism
+            view = view.repartition(parallelism)  # spread even a one-file input over every core
+            tiers = [(view, engine, "head")]
+            if routing is not None:
+                head, tail = routing.split(view, id_column)
+                tiers = [(head, engine, "head"), (tail, routing.engine, "tail")]
+            for frame, cfg, tier in tiers:
+                say(f"pass {i + 1}/{len(groups)} ({tier}): {', '.join(parts)} for "
+                    f"{'up to ' if routing else ''}{n} rows")
+                annotated = _query(spark, spec, frame, query, cfg, fail_on_error,
+                                   engine_seconds, table, parts, quantizer, embedder)
+                out = table_rows(annotated, rows, table, parts, tier, run_ts)
+                path = f"{store.staging(run_id)}/pass-{len(staged)}"
+                t0 = time.time()
+                out.write.mode("error").parquet(path)
+                write_seconds += time.time() - t0
+                staged.append(path)
+        stats = _check_staged(spark, staged, planned, table, n_todo)
+        if stats["n"] < n_todo:
+            say(f"{n_todo - stats['n']} rows needing work were not written: not selected by "
+                "the query, or retried and failed again the same way; they keep their "
+                "previous row (or stay absent)")
+        if stats["past"]:
+            say(f"{stats['past']} new items are stamped with their availability, the earliest "
+                f"{stats['earliest']:%Y-%m-%dT%H:%M:%S}: `feast materialize-incremental` skips "
+                "rows stamped before its last run; materialize that window with `feast "
+                "materialize`")
+        _fault("staged")
+        committed = []
+        if migrate is not None:
+            committed.append(_commit(store, table, migrate, run_id, run_ts, "migrated"))
+            _fault("migrated")
+        if stats["n"]:
+            new = spark.read.parquet(*staged)
+            committed.append(_commit(store, table, new, run_id, run_ts))
+        _fault("committed")
+    finally:
+        planned.unpersist()
+        store.clean(run_id)
+    if quantizer is not None:
+        sid_info = {**sid_info, "levels": spec.semantic_id.levels,
+                    "codes": spec.semantic_id.codes,
+                    "usage": code_usage(spark, store, table, quantizer)}
+        say(f"semantic IDs {quantizer.version}: "
+            f"{semantic_ids.describe_usage(sid_info['usage'])}")
+    stale = store.stale_staging(own=run_id)
+    if stale:
+        say(f"{len(stale)} staging directories of other runs (killed, or still running): "
+            f"{stale[:3]}; remove them once no job writes to {output}")
     return {
-        "rows_in": rows_in, "rows_annotated": n_todo, "rows_reused": n_reused,
-        "rows_written": stats["n"], "rows_with_errors": int(stats["errors"] or 0),
-        "rows_by_tail_engine": int(stats["tail"] or 0),
+        "rows_in": rows_in, "rows_annotated": stats["n"], "rows_reused": rows_in - n_todo,
+        "rows_not_written": n_todo - stats["n"], "rows_written": stats["n"],
+        "rows_with_errors": stats["errors"], "rows_by_tail_engine": stats["tail"],
+        "parts": {p: {"annotated": sum(why.values()), "reasons": why}
+                  for p, why in by_part.items()},
+        "event_timestamp": (f"column {timestamp_column!r} for new items (run time where null), "
+                            "run time for re-annotations" if timestamp_column
+                            else "run time (no --timestamp-column)"),
+        "run_time": run_ts.isoformat(), "run_id": run_id,
+        "rows_stamped_before_run": stats["past"],
+        "earliest_event_timestamp": stats["earliest"] and stats["earliest"].isoformat(),
+        "committed": committed, "migrated_from": migrated_from,
+        "stale_staging": stale,
         "seconds": round(time.time() - started, 2),
         "annotate_seconds": round(write_seconds, 2),
         "engine_seconds": round(engine_seconds.value, 2),
-        "rows_per_second": round(n_todo / write_seconds, 1) if n_todo else None,
-        "spec_version": spec.version, "output": output,
+        "rows_per_second": round(stats["n"] / write_seconds, 1) if stats["n"] else None,
+        "spec_version": spec.version, "schema": table.fingerprint, "output": output,
+        "semantic_id": sid_info,
     }
+
+
+def code_usage(spark, store: FeatureTable, table: AnnotationSchema, quantizer) -> dict:
+    """Code usage over the table as served (each item's newest row), for the items whose
+    codes come from `quantizer`."""
+    if not store.exists(table):
+        return semantic_ids.usage([], quantizer.config.codes)
+    rows = latest(spark.read.parquet(store.directory(table)), table.id_column)
+    codes = (rows.where(F.col(S.SEMANTIC_ID_VERSION) == quantizer.version)
+             .where(F.col(S.SEMANTIC_ID).isNotNull()).select(S.SEMANTIC_ID).toPandas())
+    return semantic_ids.usage(codes[S.SEMANTIC_ID].tolist(), quantizer.config.codes)
+
+
+def _query(spark, spec, frame, query, engine, fail_on_error, engine_seconds,
+           table: AnnotationSchema, parts: list[str], quantizer=None,
+           embedder: dict | None = None) -> DataFrame:
+    """Run the query over `frame` as the view `items` with the SQL functions bound to the
+    spec's `parts`; returns the id column and the parts' columns in table form."""
+    register(spark, spec.restricted(parts), engine=engine, fail_on_error=fail_on_error,
+             engine_seconds=engine_seconds, quantizer=quantizer, embed_engine=embedder)
+    frame.createOrReplaceTempView("items")
+    try:
+        result = spark.sql(query)
+    except Exception as exc:  # AnalysisException, ParseException: the user's query is wrong
+        raise JobError(f"the query does not run over the view `items`: "
+                       f"{str(exc).splitlines()[0]}") from None
+    if table.id_column not in result.columns:
+        raise JobError(f"the query must return the id column {table.id_column!r}; "
+                       f"it returns {result.columns}")
+    return result.select(F.col(f"`{table.id_column}`"), *annotation_columns(result, table, parts))
+
+
+def _previous(spark, store: FeatureTable, table: AnnotationSchema):
+    """(history in this schema, history to migrate into this schema's new directory, the
+    directory it comes from)."""
+    if store.exists(table):
+        return spark.read.parquet(store.directory(table)), None, None
+    dirs = store.directories()
+    if not dirs:
+        return None, None, None
+    _, directory = dirs[0]
+    seen = store.recorded(directory) or {}
+    if seen.get("id_column", table.id_column) != table.id_column:
+        raise JobError(f"{directory} keys items by {seen['id_column']!r}, this input by "
+                       f"{table.id_column!r}; write to a new --output")
+    history = project(spark.read.parquet(directory), table)
+    return history, history, directory
+
+
+def _check_staged(spark, staged: list[str], planned: DataFrame, table: AnnotationSchema,
+                  n_todo: int) -> dict:
+    """Refuse (before anything is visible) a query that duplicated or invented rows."""
+    if not staged:
+        return {"n": 0, "errors": 0, "tail": 0, "past": 0, "earliest": None}
+    key = table.id_column
+    new = spark.read.parquet(*staged)
+    row = new.agg(F.count("*").alias("n"), F.countDistinct(key).alias("ids"),
+                  F.sum(F.col(S.ERROR).isNotNull().cast("int")).alias("errors"),
+                  F.sum((F.col(S.LABELLED_BY) == "tail").cast("int")).alias("tail"),
+                  F.sum(F.col(S.CONTENT_HASH).isNull().cast("int")).alias("unknown"),
+                  F.sum((F.col(S.EVENT_TIMESTAMP) < F.col(S.CREATED_TIMESTAMP)).cast("int"))
+                  .alias("past"), F.min(S.EVENT_TIMESTAMP).alias("earliest")).first()
+    if row["unknown"]:
+        raise JobError(f"the query returned {row['unknown']} rows whose {key} is not in the "
+                       "view `items`; nothing was committed")
+    if row["n"] != row["ids"]:
+        raise JobError(f"the query returned {row['n']} rows for {row['ids']} distinct ids "
+                       f"(a join that repeats rows?); nothing was committed")
+    if row["n"] > n_todo:
+        raise JobError(f"the query returned {row['n']} rows for the {n_todo} items that "
+                       "needed work; nothing was committed")
+    return {"n": int(row["n"]), "errors": int(row["errors"] or 0), "tail": int(row["tail"] or 0),
+            "past": int(row["past"] or 0), "earliest": row["earliest"]}
+
+
+def _commit(store: FeatureTable, table: AnnotationSchema, rows: DataFrame, run_id: str,
+            run_ts: datetime, tag: str = "") -> str:
+    """Consolidate `rows` into one staged file, then move it into the table (atomic)."""
+    staged = f"{store.staging(run_id)}/{tag or 'final'}"
+    rows.select(*table.names).coalesce(1).write.mode("error").parquet(staged)
+    _fault(f"consolidated{'-' + tag if tag else ''}")
+    return store.commit(staged, table, run_file_name(run_ts, run_id, tag))
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="annotate", description=__doc__.split("\n\n")[0])
     p.add_argument("--spec", required=True, help="attribute spec YAML")
     p.add_argument("--input", required=True, help="item table: Parquet path, .csv or .json")
-    p.add_argument("--output", required=True, help="feature table directory (Parquet)")
+    p.add_argument("--output", required=True, help="feature table directory (local or URI)")
     p.add_argument("--engine", default=None,
                    help="engine type, inline JSON config, or a YAML/JSON file (default: embedding)")
     p.add_argument("--sql", default=None, help="file with a query over the view `items`")
-    p.add_argument("--id-column", default="item_id")
+    p.add_argument("--id-column", default="item_id", help="unique item id (string or integer)")
     p.add_argument("--text-columns", default="title,description",
                    help="comma-separated text columns (default: title,description)")
+    p.add_argument("--timestamp-column", default=None,
+                   help="when each item became available (timestamp, date, or epoch seconds); "
+                        "default: new items are stamped with the run's time")
     p.add_argument("--batch-size", type=int, default=1024,
                    help="rows per Arrow batch handed to the engine")
-    p.add_argument("--full", action="store_true", help="re-annotate every row")
+    p.add_argument("--full", action="store_true", help="re-annotate every part of every row")
+    p.add_argument("--refit-semantic-ids", action="store_true",
+                   help="fit the semantic-ID quantiser again on the current input (a new "
+                        "quantiser re-assigns every item's codes; the same sample gives the "
+                        "same quantiser)")
+    p.add_argument("--embed-engine", default=None,
+                   help="engine whose embeddings give the semantic IDs (default: --engine); "
+                        "e.g. embedding beside a generative engine that cannot embed")
     p.add_argument("--fail-on-error", action="store_true",
                    help="fail the job if any row gets an error")
     p.add_argument("--master", default=None, help="Spark master when not using spark-submit")
@@ -288,18 +542,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="items at or above this popularity go to the main engine")
     p.add_argument("--head-budget", type=int, default=None,
                    help="at most this many (most popular) items go to the main engine")
+    p.add_argument("--verbose", action="store_true",
+                   help="show Spark's and the libraries' own logging")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
-    from spark_jobs.session import get_spark
+    from spark_jobs.session import get_spark, quiet
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     args = parse_args(argv)
+    quiet(args.verbose)
     try:
         spec = load_spec(args.spec)
         engine = parse_engine(args.engine)
         check_config(engine)
+        embed_engine = parse_engine(args.embed_engine) if args.embed_engine else None
+        if embed_engine is not None:
+            check_config(embed_engine)
         sql = Path(args.sql).read_text() if args.sql else None
         routing = None
         if args.tail_engine:
@@ -311,17 +570,22 @@ def main(argv: list[str] | None = None) -> int:
             check_config(routing.engine)
         if not Path(args.input).exists() and "://" not in args.input:
             raise JobError(f"input table not found: {args.input}")
-    except (SpecError, JobError, EngineConfigError, OSError, json.JSONDecodeError) as exc:
+        text_columns = [c.strip() for c in args.text_columns.split(",") if c.strip()]
+        if not text_columns:
+            raise JobError("--text-columns names no column")
+    except (SpecError, JobError, EngineConfigError, OSError, ValueError) as exc:
         print(f"annotate: error: {exc}", file=sys.stderr)
         return 2
     spark = get_spark("annofeat-annotate", args.master, {
-        "spark.sql.execution.arrow.maxRecordsPerBatch": str(args.batch_size)})
+        "spark.sql.execution.arrow.maxRecordsPerBatch": str(args.batch_size)},
+        verbose=args.verbose)
     try:
         report = run(spark, spec, read_table(spark, args.input), args.output, engine=engine,
-                     sql=sql, id_column=args.id_column,
-                     text_columns=[c.strip() for c in args.text_columns.split(",")],
-                     full=args.full, fail_on_error=args.fail_on_error, routing=routing)
-    except JobError as exc:
+                     sql=sql, id_column=args.id_column, text_columns=text_columns,
+                     timestamp_column=args.timestamp_column, full=args.full,
+                     fail_on_error=args.fail_on_error, routing=routing,
+                     refit_semantic_ids=args.refit_semantic_ids, embed_engine=embed_engine)
+    except (JobError, TableError) as exc:
         print(f"annotate: error: {exc}", file=sys.stderr)
         return 2
     print("[annotate] report " + json.dumps(report), flush=True)

@@ -21,8 +21,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from ranking_service.features import share_column
-from udfs.spec import load_spec
+from udfs.schema import share_column
+from udfs.spec import SpecError, load_spec
+from udfs.table import TableError, read_latest
 
 
 def read_ratings(path: str | Path) -> pd.DataFrame:
@@ -38,9 +39,9 @@ def read_ratings(path: str | Path) -> pd.DataFrame:
 
 
 def latest_labels(annotations: pd.DataFrame, attribute: str) -> pd.Series:
-    """item_id -> the newest annotation's label (None where that annotation failed)."""
-    newest = (annotations.sort_values("created_timestamp")
-              .drop_duplicates("item_id", keep="last"))
+    """item_id -> the label of the item's newest annotation row (None where it failed)."""
+    order = [c for c in ("event_timestamp", "created_timestamp") if c in annotations.columns]
+    newest = annotations.sort_values(order, kind="stable").drop_duplicates("item_id", keep="last")
     return newest.set_index("item_id")[f"{attribute}_label"]
 
 
@@ -68,15 +69,18 @@ def item_stats(ratings: pd.DataFrame) -> pd.DataFrame:
                          "item_mean_rating": cum["rating"] / cum["n"]})
 
 
-def user_stats(ratings: pd.DataFrame, labels: pd.Series, attribute: str,
-               label_set: tuple[str, ...]) -> pd.DataFrame:
-    """Counts, mean rating and, per label, the share of past ratings on items with it.
+def user_stats(ratings: pd.DataFrame, labels: dict[str, pd.Series],
+               label_sets: dict[str, tuple[str, ...]]) -> pd.DataFrame:
+    """Counts, mean rating and, per attribute and label, the share of past ratings on items
+    with that label (`labels`: attribute -> item_id -> label).
 
     Items without a label (unannotated, or the annotation failed) count in the denominator.
     """
-    item_label = ratings["item_id"].map(labels)
-    onehot = {share_column(attribute, lab): (item_label == lab).astype("int64")
-              for lab in label_set}
+    onehot = {}
+    for attribute, label_set in label_sets.items():
+        item_label = ratings["item_id"].map(labels[attribute])
+        onehot.update({share_column(attribute, lab): (item_label == lab).astype("int64")
+                       for lab in label_set})
     cum = _running(ratings.assign(n=1, **onehot), "user_id", ["n", "rating", *onehot])
     out = pd.DataFrame({"user_id": cum["user_id"], "event_timestamp": cum["event_timestamp"],
                         "user_n_ratings": cum["n"].astype("int64"),
@@ -96,28 +100,37 @@ def write_table(df: pd.DataFrame, path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--ratings", required=True, help="MovieLens-style ratings.csv")
-    p.add_argument("--annotations", required=True, help="item_annotations Parquet directory")
+    p.add_argument("--annotations", required=True,
+                   help="the annotate job's --output (item_annotations)")
     p.add_argument("--out", required=True, help="directory receiving item_stats/ and user_stats/")
     p.add_argument("--spec", default="specs/movielens.yaml")
-    p.add_argument("--attribute", default="vibe", help="attribute behind the user shares")
+    p.add_argument("--attributes", default=None,
+                   help="comma-separated attributes behind the user shares (default: all)")
+    p.add_argument("--verbose", action="store_true", help="show the libraries' own logging")
     args = p.parse_args(argv)
-    spec = load_spec(args.spec)
-    attribute = spec.attribute(args.attribute)
-    if not Path(args.annotations).exists():
-        print(f"error: annotations not found: {args.annotations} (run spark_jobs.annotate)",
-              file=sys.stderr)
+    from spark_jobs.session import quiet
+    quiet(args.verbose)
+    try:
+        spec = load_spec(args.spec)
+        names = ([a.strip() for a in args.attributes.split(",") if a.strip()]
+                 if args.attributes else list(spec.attributes))
+        attributes = [spec.attribute(n) for n in names]
+        annotations, key = read_latest(args.annotations, spec)
+    except (SpecError, TableError) as exc:
+        print(f"build_features: error: {exc} (run spark_jobs.annotate first?)", file=sys.stderr)
         return 2
     ratings = read_ratings(args.ratings)
-    annotations = pd.read_parquet(args.annotations, columns=[
-        "item_id", "created_timestamp", f"{attribute.name}_label"])
-    labels = latest_labels(annotations, attribute.name)
+    annotations = annotations.rename(columns={key: "item_id"})  # the ratings' name for it
+    labels = {a.name: latest_labels(annotations, a.name) for a in attributes}
     out = Path(args.out)
     items = item_stats(ratings)
-    users = user_stats(ratings, labels, attribute.name, attribute.labels)
+    users = user_stats(ratings, labels, {a.name: a.labels for a in attributes})
     write_table(items, out / "item_stats")
     write_table(users, out / "user_stats")
+    first = attributes[0].name if attributes else None
+    share = ratings["item_id"].map(labels[first]).notna().mean() if first else 0.0
     print(f"item_stats: {len(items)} rows; user_stats: {len(users)} rows "
-          f"({ratings['item_id'].map(labels).notna().mean():.1%} of ratings on labelled items)")
+          f"({share:.1%} of ratings on items labelled by {first!r})")
     return 0
 
 

@@ -5,12 +5,14 @@
 Each stage runs the same command a user would run, so the demo doubles as a smoke test of the
 command-line surface:
 
-  1. prepare   MovieLens movies -> artifacts/demo/items.parquet
+  1. prepare   MovieLens movies -> artifacts/demo/items.parquet, feature_repo/data/item_metadata
   2. annotate  spark-submit spark_jobs/annotate.py (local mode) -> feature_repo/data/item_annotations
+               (attributes, caption and semantic IDs; the quantiser under _quantizers/)
   3. features  spark_jobs.build_features -> feature_repo/data/{item_stats,user_stats}
   4. gate      spark_jobs.validate (the data-quality CI check) -> artifacts/reports/
   5. feast     feast apply + feast materialize, gated by the Great Expectations engine
-  6. train     spark_jobs.train_ranker -> artifacts/ranker/ (model, ablation.json, ablation.png)
+  6. train     spark_jobs.train_ranker -> artifacts/ranker/ (model, ablation.json, ablation.png):
+               six variants on rolling time folds, overall and on cold-start items
   7. serve     ranking_service on 127.0.0.1, POST /rank for a few users
 """
 from __future__ import annotations
@@ -109,15 +111,17 @@ def main(argv: list[str] | None = None) -> int:
     items = ART / "demo" / "items.parquet"
     annotations = data / "item_annotations"
 
-    step("prepare", [sys.executable, "-m", "spark_jobs.movielens", "--out", items]
+    step("prepare", [sys.executable, "-m", "spark_jobs.movielens", "--out", items,
+                     "--metadata-out", data / "item_metadata"]
          + (["--limit", str(args.limit)] if args.limit else []))
     step("annotate", [BIN / "spark-submit", "--master", "local[2]",
                       "--conf", f"spark.pyspark.python={sys.executable}",
                       ROOT / "spark_jobs" / "annotate.py", "--spec", SPEC, "--input", items,
-                      "--output", annotations, "--report", ART / "reports" / "annotate.json"])
+                      "--output", annotations, "--timestamp-column", "event_timestamp",
+                      "--report", ART / "reports" / "annotate.json"])
     step("features", [sys.executable, "-m", "spark_jobs.build_features", "--ratings", RATINGS,
                       "--annotations", annotations, "--out", data])
-    gate_rc = step("gate", [sys.executable, "-m", "spark_jobs.validate", "--spec", SPEC,
+    gate_rc = step("gate", [sys.executable, "-m", "spark_jobs.validate", "--repo", REPO,
                             "--table", annotations, "--report-dir", ART / "reports"], check=False)
     if gate_rc != 0:
         raise SystemExit("demo stopped: the data-quality gate refused the annotations; "
@@ -133,32 +137,64 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _ci(m: dict, signed: bool = False) -> str:
+    f = "{:+.4f}" if signed else "{:.4f}"
+    return f"{f.format(m['mean'])} [{f.format(m['ci95'][0])}, {f.format(m['ci95'][1])}]"
+
+
+def print_ablation(ablation: dict) -> None:
+    """The ablation table: per variant, NDCG@10 and AUC with their paired gains over the
+    reference, overall and on cold-start items."""
+    proto, folds = ablation["protocol"], ablation["folds"]
+    ref = proto["reference"]
+    print(f"ranker ablation     {proto['folds']} rolling time folds from {folds[0]['cutoff'][:10]}: "
+          f"{ablation['test_interactions']} test interactions, {ablation['test_users']} users "
+          f"({ablation['test_units']} user-folds); served: {proto['served_variant']}")
+    print(f"                    cold start = {proto['cold_start']}: "
+          f"{ablation['cold_start_interactions']} interactions; 95% paired bootstrap over users")
+    for subset, title in (("overall", "all test items"), ("cold_start", "cold-start items")):
+        print(f"  {title:<16} {'NDCG@10':<25} {'vs ' + ref:<27} {'AUC (rating >= 4)':<25} "
+              f"{'vs ' + ref}")
+        for name, v in ablation["variants"].items():
+            m = v[subset]
+            gain_n, gain_a = m.get(f"ndcg@10_vs_{ref}"), m.get(f"auc_liked_vs_{ref}")
+            print(f"  {name:<16} {_ci(m['ndcg@10']):<25} "
+                  f"{(_ci(gain_n, True) if gain_n else 'reference'):<27} "
+                  f"{_ci(m['auc_liked']):<25} {_ci(gain_a, True) if gain_a else 'reference'}")
+
+
 def summarise(annotations: Path, rankings: list[dict], seconds: float) -> None:
-    report = json.loads((ART / "reports" / "annotate.json").read_text())
-    table = pd.read_parquet(annotations)
-    ablation = json.loads((ART / "ranker" / "ablation.json").read_text())
     from feast import FeatureStore
+
+    from udfs.semantic_ids import describe_usage
+    from udfs.spec import load_spec
+    from udfs.table import read_latest
+
+    report = json.loads((ART / "reports" / "annotate.json").read_text())
+    spec = load_spec(SPEC)
+    table, key = read_latest(str(annotations), spec)
+    first = f"{next(iter(spec.attributes))}_label"
+    ablation = json.loads((ART / "ranker" / "ablation.json").read_text())
     store = FeatureStore(repo_path=str(REPO))
     online = store.get_online_features(
-        features=["item_annotations:vibe_label"],
-        entity_rows=[{"item_id": int(i)} for i in table["item_id"]]).to_df()
+        features=[f"item_annotations:{first}"],
+        entity_rows=[{key: int(i)} for i in table[key]]).to_df()
     print("\n================ annofeat demo summary ================")
     print(f"rows annotated      {report['rows_annotated']} (reused {report['rows_reused']}, "
           f"errors {report['rows_with_errors']}, {report['rows_per_second']} rows/s)")
-    print("vibe labels         " + ", ".join(
-        f"{k} {v}" for k, v in table["vibe_label"].value_counts().items()))
+    print(f"{first:<20}" + ", ".join(
+        f"{k} {v}" for k, v in table[first].value_counts().items()))
     print("gate                passed (report in artifacts/reports/)")
-    print(f"rows materialized   {int(online['vibe_label'].notna().sum())} items online "
+    print(f"rows materialized   {int(online[first].notna().sum())} items online "
           f"(of {len(table)})")
-    print(f"ranker (test: {ablation['test_users']} users, {ablation['test_interactions']} "
-          f"interactions after {ablation['cutoff'][:10]})")
-    for name, v in ablation["variants"].items():
-        ndcg, auc = v["ndcg@10"], v["auc_liked"]
-        gain = v.get("ndcg@10_vs_baseline")
-        print(f"  {name:<11} NDCG@10 {ndcg['mean']:.4f} [{ndcg['ci95'][0]:.4f}, "
-              f"{ndcg['ci95'][1]:.4f}]  AUC {auc['mean']:.4f}"
-              + (f"  vs baseline {gain['mean']:+.4f} [{gain['ci95'][0]:+.4f}, "
-                 f"{gain['ci95'][1]:+.4f}]" if gain else ""))
+    sid = report.get("semantic_id")
+    if sid:
+        print(f"semantic IDs        quantiser {sid['version']} "
+              f"({'fitted on ' + str(sid['sample_size']) + ' items' if sid['fitted'] else 'reused'}"
+              f"), {sid['levels']} levels x {sid['codes']} codes")
+        for line in describe_usage(sid["usage"]).split("; "):
+            print(f"                    {line}")
+    print_ablation(ablation)
     for r in rankings:
         top = ", ".join(f"{it['item_id']} ({it['score']:.3f})" for it in r["items"])
         print(f"user {r['user_id']:<4} top 5: {top}")

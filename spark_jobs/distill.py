@@ -24,16 +24,11 @@ from quality import distill
 from quality.metrics import report
 from udfs.engines.base import Engine
 from udfs.spec import Attribute, SpecError, load_spec
+from udfs.table import read_frame
 
 
 class DistillError(ValueError):
     """Inputs that cannot be distilled; the message says what to fix."""
-
-
-def read_table(path: str) -> pd.DataFrame:
-    if not Path(path).exists():
-        raise DistillError(f"table not found: {path}")
-    return pd.read_csv(path) if path.endswith(".csv") else pd.read_parquet(path)
 
 
 def teacher_rows(annotations: pd.DataFrame, items: pd.DataFrame, attribute: str,
@@ -138,17 +133,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="inverse L2 strength (unit-norm embeddings need large weights)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model-path", default=None, help="sentence encoder directory")
+    p.add_argument("--verbose", action="store_true", help="show the libraries' own logging")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
-    from spark_jobs.annotate import parse_engine
+    from udfs.engines import parse_engine
 
     args = parse_args(argv)
+
+    from spark_jobs.session import quiet
+
+    quiet(args.verbose)
     try:
         spec = load_spec(args.spec)
         attribute = spec.attribute(args.attribute)
-        rows = teacher_rows(read_table(args.annotations), read_table(args.items),
+        rows = teacher_rows(read_frame(args.annotations), read_frame(args.items),
                             attribute.name, [c.strip() for c in args.text_columns.split(",")])
         result = run(attribute, spec.version, rows, Path(args.out), parse_engine(args.teacher),
                      args.holdout, args.c, args.seed, args.model_path)

@@ -26,6 +26,7 @@ import pandas as pd
 
 from quality.metrics import score_against_truth
 from udfs.spec import Attribute, SpecError, load_spec
+from udfs.table import TableError, read_frame
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data" / "movielens"
 # MovieLens genres without a label of their own in specs/movielens_genre.yaml (IMAX: ignored)
@@ -36,12 +37,6 @@ MAX_TAGS = 10
 
 class EvaluateError(ValueError):
     """Inputs that cannot be scored; the message says what to fix."""
-
-
-def read_table(path: str) -> pd.DataFrame:
-    if not Path(path).exists():
-        raise EvaluateError(f"table not found: {path}")
-    return pd.read_csv(path) if path.endswith(".csv") else pd.read_parquet(path)
 
 
 def movielens_genre_items(data_dir: Path = DATA_DIR, limit: int | None = None) -> pd.DataFrame:
@@ -213,13 +208,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--truth", help="table with item_id and human labels (csv or parquet)")
     p.add_argument("--truth-column", default="labels", help='"|"-separated human labels')
     p.add_argument("--label-map", default=None, help="fold human labels: 'Human=Spec,...'")
+    p.add_argument("--verbose", action="store_true", help="show the libraries' own logging")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
-    from spark_jobs.annotate import parse_engine
+    from udfs.engines import parse_engine
 
     args = parse_args(argv)
+
+    from spark_jobs.session import quiet
+
+    quiet(args.verbose)
     out = Path(args.out)
     try:
         attribute = load_spec(args.spec).attribute(args.attribute)
@@ -233,19 +233,19 @@ def main(argv: list[str] | None = None) -> int:
         else:
             if not args.truth:
                 raise EvaluateError("--truth is required unless --movielens")
-            truth, truth_column = read_table(args.truth), args.truth_column
+            truth, truth_column = read_frame(args.truth), args.truth_column
             text_columns = [c.strip() for c in args.text_columns.split(",")]
         if args.annotations:
-            annotations = read_table(args.annotations)
+            annotations = read_frame(args.annotations)
         else:
-            items = items if args.movielens else read_table(args.items)
+            items = items if args.movielens else read_frame(args.items)
             annotations, run_info = annotate(items, attribute, parse_engine(args.engine),
                                              text_columns)
             out.mkdir(parents=True, exist_ok=True)
             annotations.to_parquet(out / "annotations.parquet", index=False)
             items.to_parquet(out / "items.parquet", index=False)
         result = evaluate(annotations, truth, attribute, label_map, truth_column)
-    except (SpecError, EvaluateError, OSError, json.JSONDecodeError) as exc:
+    except (SpecError, EvaluateError, TableError, OSError, json.JSONDecodeError) as exc:
         print(f"evaluate: error: {exc}", file=sys.stderr)
         return 2
     result["attribute"] = attribute.name

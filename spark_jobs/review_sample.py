@@ -20,16 +20,11 @@ from pathlib import Path
 import pandas as pd
 
 from quality.sampling import confidence_band, popularity_band, stratified_sample
+from udfs.table import read_frame
 
 
 class SampleError(ValueError):
     """Inputs that cannot be sampled; the message says what to fix."""
-
-
-def read_table(path: str) -> pd.DataFrame:
-    if not Path(path).exists():
-        raise SampleError(f"table not found: {path}")
-    return pd.read_csv(path) if path.endswith(".csv") else pd.read_parquet(path)
 
 
 def rating_counts(ratings: pd.DataFrame) -> pd.Series:
@@ -74,17 +69,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="item table whose columns (e.g. title) are added for the reviewer")
     p.add_argument("--min-per-stratum", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--verbose", action="store_true", help="show the libraries' own logging")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from spark_jobs.session import quiet
+    quiet(args.verbose)
     try:
-        counts = rating_counts(read_table(args.popularity)) if args.popularity else None
-        rows, strata = build_strata(read_table(args.annotations), args.attribute, counts)
+        counts = rating_counts(read_frame(args.popularity)) if args.popularity else None
+        rows, strata = build_strata(read_frame(args.annotations), args.attribute, counts)
         sample = stratified_sample(rows, strata, args.size, args.min_per_stratum, args.seed)
         if args.items:
-            items = read_table(args.items)
+            items = read_frame(args.items)
             extra = [c for c in items.columns if c not in sample.columns or c == "item_id"]
             sample = sample.merge(items[extra], on="item_id", how="left")
     except (SampleError, ValueError, OSError) as exc:

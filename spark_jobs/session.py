@@ -1,8 +1,10 @@
-"""One place that builds the SparkSession every job uses."""
+"""One place that builds the SparkSession every job uses, and keeps the jobs' output readable."""
 from __future__ import annotations
 
+import logging
 import os
 import sys
+import warnings
 
 from pyspark.sql import SparkSession
 
@@ -15,10 +17,31 @@ BASE_CONF = {
     "spark.python.worker.reuse": "true",
     "spark.ui.showConsoleProgress": "true",
     "spark.sql.shuffle.partitions": "8",
+    # Python workers inherit these: offline model loading, no per-worker progress bars
+    "spark.executorEnv.HF_HUB_OFFLINE": "1",
+    "spark.executorEnv.HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "spark.executorEnv.TOKENIZERS_PARALLELISM": "false",
 }
 
 
-def get_spark(app_name: str, master: str | None = None, conf: dict | None = None) -> SparkSession:
+# Libraries that log at INFO on every run (GE per context, Feast per registry read).
+NOISY_LOGGERS = ("great_expectations", "py4j", "feast", "urllib3", "numexpr")
+
+
+def quiet(verbose: bool = False) -> None:
+    """A job prints progress, its report and errors; --verbose brings the libraries' own
+    logging and warnings back."""
+    level = logging.INFO if verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    for name in NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.INFO if verbose else logging.ERROR)
+    if not verbose:
+        for category in (DeprecationWarning, FutureWarning, UserWarning):
+            warnings.filterwarnings("ignore", category=category)
+
+
+def get_spark(app_name: str, master: str | None = None, conf: dict | None = None,
+              verbose: bool = False) -> SparkSession:
     """A session with BASE_CONF; `master` only when not launched by spark-submit."""
     # Driver and workers must run the interpreter that has this project installed.
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
@@ -26,8 +49,10 @@ def get_spark(app_name: str, master: str | None = None, conf: dict | None = None
     builder = SparkSession.builder.appName(app_name)
     if master:
         builder = builder.master(master)
-    for key, value in {**BASE_CONF, **(conf or {})}.items():
+    # spark.log.level applies from the context's start, so its INFO start-up lines go too
+    level = "INFO" if verbose else os.environ.get("ANNOFEAT_SPARK_LOG_LEVEL", "WARN")
+    for key, value in {**BASE_CONF, "spark.log.level": level, **(conf or {})}.items():
         builder = builder.config(key, value)
     spark = builder.getOrCreate()
-    spark.sparkContext.setLogLevel(os.environ.get("ANNOFEAT_SPARK_LOG_LEVEL", "WARN"))
+    spark.sparkContext.setLogLevel(level)
     return spark

@@ -11,7 +11,8 @@ import pytest
 import xgboost as xgb
 
 from ranking_service import model as ranker_model
-from ranking_service.features import VARIANTS, FeatureSet, share_column
+from ranking_service.features import (REFERENCE, VARIANTS, FeatureSet, genre_vocabulary,
+                                      share_column, sid_column)
 from spark_jobs.build_features import item_stats, latest_labels, read_ratings, user_stats
 from udfs.spec import load_spec
 from udfs.tokens import caption_tokens
@@ -66,7 +67,7 @@ def test_item_stats_never_include_the_interaction_itself(ratings):
 
 
 def test_user_stats_match_a_brute_force_computation(ratings, labels):
-    stats = user_stats(ratings, labels, "vibe", VIBES)
+    stats = user_stats(ratings, {"vibe": labels}, {"vibe": VIBES})
     joined = as_of(stats, "user_id", ratings)
     # the whole table: an interaction's count is the number of the user's strictly earlier
     # ratings, i.e. its minimum rank among the user's timestamps, minus one
@@ -87,7 +88,7 @@ def test_user_stats_match_a_brute_force_computation(ratings, labels):
 
 
 def test_stats_tables_have_the_feature_view_schema(ratings, labels):
-    items, users = item_stats(ratings), user_stats(ratings, labels, "vibe", VIBES)
+    items, users = item_stats(ratings), user_stats(ratings, {"vibe": labels}, {"vibe": VIBES})
     assert list(items.columns) == ["item_id", "event_timestamp", "item_n_ratings",
                                    "item_mean_rating"]
     assert list(users.columns) == ["user_id", "event_timestamp", "user_n_ratings",
@@ -110,9 +111,13 @@ def feature_rows(n: int = 6) -> pd.DataFrame:
         "audience_confidence": [0.8, 0.3, None, 0.5, 0.6, 0.7][:n],
         "caption_tokens": [caption_tokens("dark crime noir"), None, [], np.array([5, 5]),
                            caption_tokens("comedy"), caption_tokens("family fun")][:n],
+        "genres": ["Crime|Film-Noir", None, "Comedy", "Sci-Fi|Comedy", "(none)", "Children"][:n],
+        "semantic_id": [[1, 2, 3], None, np.array([0, 63, 7], dtype=np.int32), [1, 2],
+                        [64, 0, 0], [5, 5, 5]][:n],
     })
-    for i, lab in enumerate(VIBES):
-        rows[share_column("vibe", lab)] = (i + 1) / 100
+    for name, attr in SPEC.attributes.items():
+        for i, lab in enumerate(attr.labels):
+            rows[share_column(name, lab)] = (i + 1) / 100 + (0.5 if name == "audience" else 0)
     return rows
 
 
@@ -128,6 +133,12 @@ def test_matrix_uses_the_spec_categories_and_crosses_user_shares():
     expected = [share_column("vibe", lab) if lab in VIBES else None for lab in rows["vibe_label"]]
     for got, col in zip(m["user_share_vibe"], expected):
         assert np.isnan(got) if col is None else got == rows[col].iloc[0]
+    # every attribute of the spec crosses its own shares
+    audiences = SPEC.attributes["audience"].labels
+    expected = [share_column("audience", lab) if lab in audiences else None
+                for lab in rows["audience_label"]]
+    for got, col in zip(m["user_share_audience"], expected):
+        assert np.isnan(got) if col is None else got == rows[col].iloc[0]
     # no caption is missing; an empty caption is zero counts
     buckets = m[[c for c in m.columns if c.startswith("caption_bucket_")]].to_numpy()
     assert np.isnan(buckets[1]).all() and (buckets[2] == 0).all()
@@ -136,27 +147,79 @@ def test_matrix_uses_the_spec_categories_and_crosses_user_shares():
     pd.testing.assert_frame_equal(fs.matrix(rows.iloc[[4, 0]]), m.iloc[[4, 0]])
 
 
+GENRES = ("Children", "Comedy", "Crime", "Film-Noir", "Sci-Fi")
+
+
+def test_genres_and_semantic_ids_are_item_features():
+    assert genre_vocabulary(feature_rows()["genres"]) == ("(none)", *GENRES)
+    fs = FeatureSet.from_spec(SPEC, n_buckets=4, genres=GENRES)
+    assert fs.variant == "all" and fs.semantic_levels == SPEC.semantic_id.levels
+    rows = feature_rows()
+    m = fs.matrix(rows)
+    assert list(m.columns) == fs.columns
+    # multi-hot over the fixed vocabulary; no metadata row is missing, not "no genre"
+    genres = m[["genre_children", "genre_comedy", "genre_crime", "genre_film_noir",
+                "genre_sci_fi"]].to_numpy()
+    np.testing.assert_array_equal(genres[0], [0, 0, 1, 1, 0])
+    assert np.isnan(genres[1]).all()
+    np.testing.assert_array_equal(genres[3], [0, 1, 0, 0, 1])
+    np.testing.assert_array_equal(genres[4], [0, 0, 0, 0, 0])  # unknown genre: none of ours
+    # one categorical per level, categories = the codes; a missing, short or out-of-range
+    # path is missing at every level
+    levels = [sid_column(i) for i in (1, 2, 3)]
+    assert all(list(m[c].cat.categories) == list(range(SPEC.semantic_id.codes)) for c in levels)
+    codes = np.column_stack([m[c].cat.codes for c in levels])
+    np.testing.assert_array_equal(codes, [[1, 2, 3], [-1] * 3, [0, 63, 7], [-1] * 3, [-1] * 3,
+                                          [5, 5, 5]])
+    # serving's cached blocks give the training matrix, codes as floats
+    served = fs.assemble(fs.encode_items(rows), fs.encode_users(rows.iloc[[0]]))
+    np.testing.assert_array_equal(served[:, fs.columns.index("sid_l2")],
+                                  [2, np.nan, 63, np.nan, np.nan, 5])
+    assert FeatureSet.from_dict(fs.to_dict()) == fs
+
+
 def test_variants_nest_and_need_only_their_refs():
-    full = FeatureSet.from_spec(SPEC)
-    sets = [full.with_variant(v) for v in VARIANTS]
-    for smaller, larger in zip(sets, sets[1:]):
-        assert larger.columns[:len(smaller.columns)] == smaller.columns
-        assert set(smaller.item_refs()) < set(larger.item_refs()) or \
-            set(smaller.user_refs()) < set(larger.user_refs())
-    baseline = sets[0]
+    full = FeatureSet.from_spec(SPEC, genres=GENRES)
+    sets = {v: full.with_variant(v) for v in VARIANTS}
+    assert REFERENCE == "genres" and full.variant == "all"
+    # every variant is baseline + groups, in the full set's column order
+    for v, fs in sets.items():
+        assert fs.columns[:4] == sets["baseline"].columns
+        assert [c for c in full.columns if c in fs.columns] == fs.columns
+        assert set(fs.item_refs()) <= set(full.item_refs())
+        assert set(fs.user_refs()) <= set(full.user_refs())
+        if v != "baseline":  # each LLM variant is genres + one group
+            assert set(sets["genres"].columns) <= set(fs.columns)
+    assert sets["genres"].item_refs()[-1] == "item_metadata:genres"
+    assert set(sets["attributes"].columns) & set(sets["captions"].columns) == \
+        set(sets["genres"].columns)
+    assert "item_annotations:semantic_id" in sets["semantic_ids"].item_refs()
+    assert "item_annotations:caption_tokens" not in sets["semantic_ids"].item_refs()
+    assert set(full.columns) == set().union(*(fs.columns for fs in sets.values()))
+    baseline = sets["baseline"]
     rows = feature_rows()[["item_n_ratings", "item_mean_rating", "user_n_ratings",
                            "user_mean_rating"]]
     assert list(baseline.matrix(rows).columns) == baseline.columns
     with pytest.raises(KeyError, match="caption_tokens"):
         full.matrix(feature_rows().drop(columns="caption_tokens"))
     assert FeatureSet.from_dict(full.to_dict()) == full
+    # without a genre vocabulary (a repo without item_metadata) or a semantic ID in the
+    # spec, those groups are absent and need nothing from Feast
+    plain = FeatureSet.from_spec(SPEC.restricted(["vibe", "audience", "caption"]))
+    assert plain.columns == [c for c in full.columns
+                             if not c.startswith(("genre_", "sid_"))]
+    assert not any(r.startswith("item_metadata") or r.endswith("semantic_id")
+                   for r in plain.item_refs())
+    assert plain.with_variant("genres").columns == baseline.columns
 
 
 def test_feature_set_rejects_bad_settings():
     with pytest.raises(ValueError, match="variant"):
         FeatureSet.from_spec(SPEC, variant="everything")
-    with pytest.raises(ValueError, match="share attribute"):
-        FeatureSet.from_spec(SPEC, share_attribute="mood")
+    with pytest.raises(ValueError, match="share attributes"):
+        FeatureSet.from_spec(SPEC, share_attributes=["mood"])
+    with pytest.raises(ValueError, match="collide"):
+        FeatureSet.from_spec(SPEC, genres=["Sci-Fi", "Sci Fi"])
 
 
 def _tiny_model(fs: FeatureSet) -> tuple[xgb.Booster, pd.DataFrame]:
@@ -190,14 +253,15 @@ def test_model_round_trip_and_mismatch_is_refused(tmp_path):
 def test_blocks_split_by_side_not_by_name():
     """An attribute may be named user_...: it is still an item column, and the service's
     cached blocks assemble to the same matrix as training's."""
-    fs = FeatureSet((("user_intent", ("buy", "browse")),), share_attribute="user_intent",
-                    n_buckets=2, variant="attributes")
+    fs = FeatureSet((("user_intent", ("buy", "browse")),), share_attributes=("user_intent",),
+                    n_buckets=2, variant="attributes", genres=("Drama",))
     rows = pd.DataFrame({"item_n_ratings": [1, 2, 3], "item_mean_rating": [4.0, 3.0, None],
                          "user_n_ratings": [5] * 3, "user_mean_rating": [3.5] * 3,
                          "user_intent_label": ["browse", None, "buy"],
                          "user_intent_confidence": [0.9, None, 0.4],
                          share_column("user_intent", "buy"): [0.25] * 3,
-                         share_column("user_intent", "browse"): [0.75] * 3})
+                         share_column("user_intent", "browse"): [0.75] * 3,
+                         "genres": ["Drama", None, "Comedy"]})
     assert "user_intent_label" in fs.item_columns
     m = fs.matrix(rows)
     assert m["user_intent_label"].tolist()[::2] == ["browse", "buy"]

@@ -44,8 +44,7 @@ def tasks(monkeypatch):
     from tests.faulty_engines import GpuProbe
 
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    monkeypatch.setattr(worker, "_engine", None)
-    monkeypatch.setattr(worker, "_engine_key", None)
+    monkeypatch.setattr(worker, "_slots", {})
     GpuProbe.built.clear()
     attempt = iter(range(1000))
 

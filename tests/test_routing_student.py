@@ -5,6 +5,7 @@ from spark_jobs import annotate
 from spark_jobs import distill as distill_job
 from spark_jobs.movielens import load_items
 from tests.conftest import SPEC_PATH
+from udfs.table import read_latest
 
 
 def test_tail_items_are_labelled_by_the_student(spark, spec, tmp_path):
@@ -23,7 +24,7 @@ def test_tail_items_are_labelled_by_the_student(spark, spec, tmp_path):
     out = str(tmp_path / "routed")
     report = annotate.run(spark, spec, sdf, out, routing=annotate.Routing(
         {"type": "student", "path": str(tmp_path / "student")}, "popularity", head_budget=40))
-    table = pd.read_parquet(out).merge(items[["item_id", "popularity"]], on="item_id")
+    table = read_latest(out, spec)[0].merge(items[["item_id", "popularity"]], on="item_id")
     assert len(table) == 160 and table["item_id"].is_unique
     assert report["rows_by_tail_engine"] == 120
     tail = table[table["labelled_by"] == "tail"]

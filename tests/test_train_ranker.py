@@ -1,8 +1,9 @@
 """The ranker's training job on a small real Feast repo: point-in-time historical features,
-the three-variant ablation, and the saved model.
+the ablation (six variants, rolling time folds, cold-start figures), and the saved model.
 
 The repo is a temp copy of feature_repo/ with 40 MovieLens users, the build_features
-tables and a synthetic item_annotations table; `feast apply` runs through the real CLI.
+tables, the catalogue's item_metadata (genres) and a synthetic item_annotations table
+(semantic IDs included); `feast apply` runs through the real CLI.
 """
 from __future__ import annotations
 
@@ -20,9 +21,12 @@ import pytest
 import yaml
 
 from ranking_service import model as ranker_model
-from ranking_service.features import FeatureSet
-from spark_jobs import build_features, train_ranker
+from ranking_service.features import VARIANTS, FeatureSet
+from spark_jobs import build_features, movielens, train_ranker
+from udfs.schema import AnnotationSchema
+from udfs.semantic_ids import prefix_tokens
 from udfs.spec import load_spec
+from udfs.table import FeatureTable
 from udfs.tokens import caption_tokens
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -30,6 +34,7 @@ SPEC_PATH = ROOT / "specs" / "movielens.yaml"
 RATINGS = ROOT / "data" / "movielens" / "ratings.csv"
 N_USERS = 40
 RELABELLED = 1  # Toy Story: annotated twice, the first time with an engine error
+FOLDS = 2
 _built: dict[str, Path] = {}
 
 
@@ -49,6 +54,12 @@ def _annotations(ratings: pd.DataFrame) -> pd.DataFrame:
             for i, gs in enumerate(genres)]
     captions = [" ".join(gs).lower() for gs in genres]
     n = len(first)
+    # a semantic ID that follows the genres, as an embedding's would: level 1 the first
+    # genre, level 2 the second, level 3 the item's id
+    names = sorted({g for gs in genres for g in gs})
+    sids = [[names.index(gs[0]) % spec.semantic_id.codes,
+             names.index(gs[-1]) % spec.semantic_id.codes, int(i) % spec.semantic_id.codes]
+            for gs, i in zip(genres, first.index)][:n]
     return pd.DataFrame({
         "item_id": first.index.astype("int64"),
         "event_timestamp": pd.to_datetime(first.to_numpy(), unit="s", utc=True),
@@ -59,6 +70,10 @@ def _annotations(ratings: pd.DataFrame) -> pd.DataFrame:
         "caption": captions, "caption_tokens": [caption_tokens(c) for c in captions],
         "model": "test:genre-rules", "spec_version": spec.version,
         "content_hash": [f"h{i}" for i in first.index], "error": None,
+        "labelled_by": "head", "caption_version": spec.caption.version,
+        **{f"{a}_version": attr.version for a, attr in spec.attributes.items()},
+        "semantic_id": sids, "semantic_id_tokens": [prefix_tokens(c, "q-test") for c in sids],
+        "semantic_id_version": "q-test",
     })
 
 
@@ -87,6 +102,7 @@ def _relabel_midway(ann: pd.DataFrame, ratings: pd.DataFrame) -> pd.DataFrame:
     first = ann["item_id"] == RELABELLED
     failed = ann[first].assign(vibe_label=None, vibe_confidence=np.nan, audience_label=None,
                                audience_confidence=np.nan, caption=None, caption_tokens=None,
+                               semantic_id=None, semantic_id_tokens=None,
                                error="engine: timeout")
     fixed = ann[first].assign(event_timestamp=midway, vibe_label="whimsical",
                               created_timestamp=pd.Timestamp("2024-02-01", tz="UTC"))
@@ -103,6 +119,8 @@ def copy_repo(src: Path, dst: Path, materialize: bool = True) -> Path:
     (and materialized) afresh: the sources are absolute paths, and applying a copied
     registry would also drop the original's online tables (Feast's infra diff)."""
     shutil.copytree(src, dst, ignore=shutil.ignore_patterns("registry.db", "online_store.db"))
+    if not (dst.parent / "specs").exists():  # definitions.py reads ../specs
+        shutil.copytree(src.parent / "specs", dst.parent / "specs")
     feast_apply(dst)
     if materialize:
         from feast import FeatureStore
@@ -118,6 +136,7 @@ def build_repo(root: Path) -> Path:
     repo, data = root / "feature_repo", root / "feature_repo" / "data"
     data.mkdir(parents=True)
     shutil.copy(ROOT / "feature_repo" / "definitions.py", repo)
+    shutil.copytree(ROOT / "specs", root / "specs")  # definitions.py reads ../specs
     (repo / "feature_store.yaml").write_text(
         yaml.safe_dump(_store_yaml(ROOT / "feature_repo" / "feature_store.yaml")))
     raw = pd.read_csv(RATINGS)
@@ -125,9 +144,11 @@ def build_repo(root: Path) -> Path:
     raw.to_csv(root / "ratings.csv", index=False)
     ratings = build_features.read_ratings(root / "ratings.csv")
     ann = _relabel_midway(_annotations(ratings), ratings)
-    (data / "item_annotations").mkdir()
-    ann.astype({"error": "string"}).to_parquet(data / "item_annotations" / "part-0.parquet",
-                                              index=False)
+    FeatureTable(str(data / "item_annotations")).write_frame(
+        ann, AnnotationSchema(load_spec(SPEC_PATH)))
+    items = movielens.load_items()
+    movielens.write_metadata(items[items["item_id"].isin(ratings["item_id"])],
+                             data / "item_metadata")
     assert build_features.main(["--ratings", str(root / "ratings.csv"), "--annotations",
                                 str(data / "item_annotations"), "--out", str(data),
                                 "--spec", str(SPEC_PATH)]) == 0
@@ -137,7 +158,8 @@ def build_repo(root: Path) -> Path:
         datetime(1990, 1, 1, tzinfo=timezone.utc), datetime.now(timezone.utc))
     assert train_ranker.main(["--repo", str(repo), "--ratings", str(root / "ratings.csv"),
                               "--spec", str(SPEC_PATH), "--out", str(root / "ranker"),
-                              "--n-buckets", "16", "--bootstrap", "200", "--max-users", "0"]) == 0
+                              "--n-buckets", "16", "--bootstrap", "200", "--max-users", "0",
+                              "--folds", str(FOLDS), "--fold-fraction", "0.15"]) == 0
     _built.update(repo=repo, model=root / "ranker", ratings=root / "ratings.csv")
     return repo
 
@@ -151,23 +173,76 @@ def trained(tmp_path_factory) -> dict[str, Path]:
 def test_training_writes_model_ablation_and_plot(trained):
     out = trained["model"]
     report = json.loads((out / "ablation.json").read_text())
-    assert list(report["variants"]) == ["baseline", "attributes", "captions"]
-    sizes = [v["n_features"] for v in report["variants"].values()]
-    assert sizes == sorted(sizes) and len(set(sizes)) == 3
-    for v in report["variants"].values():
-        lo, hi = v["ndcg@10"]["ci95"]
-        assert 0 <= lo <= v["ndcg@10"]["mean"] <= hi <= 1
-        assert 0 <= v["auc_liked"]["mean"] <= 1
-    assert "ndcg@10_vs_baseline" in report["variants"]["captions"]
+    assert list(report["variants"]) == list(VARIANTS) == [
+        "baseline", "genres", "attributes", "captions", "semantic_ids", "all"]
+    sizes = {v: r["n_features"] for v, r in report["variants"].items()}
+    assert sizes["baseline"] < sizes["genres"] < min(sizes[v] for v in (
+        "attributes", "captions", "semantic_ids")) <= sizes["all"]
+    assert sizes["semantic_ids"] == sizes["genres"] + load_spec(SPEC_PATH).semantic_id.levels
+    assert report["genres"] and "Comedy" in report["genres"]
+    proto = report["protocol"]
+    assert proto["reference"] == "genres" and proto["served_variant"] == "all"
+    assert proto["folds"] == FOLDS and proto["cold_min_ratings"] == 5
+    for name, v in report["variants"].items():
+        for subset in ("overall", "cold_start"):
+            m = v[subset]
+            lo, hi = m["ndcg@10"]["ci95"]
+            assert 0 <= lo <= m["ndcg@10"]["mean"] <= hi <= 1, (name, subset)
+            lo, hi = m["auc_liked"]["ci95"]
+            assert 0 <= lo <= hi <= 1 and 0 <= m["auc_liked"]["mean"] <= 1, (name, subset)
+            if name == "genres":
+                assert "ndcg@10_vs_genres" not in m
+            else:  # paired gains over the genres variant
+                for key in ("ndcg@10_vs_genres", "auc_liked_vs_genres"):
+                    lo, hi = m[key]["ci95"]
+                    assert lo <= m[key]["mean"] <= hi and -1 <= lo <= hi <= 1, (name, key)
+        assert v["cold_start"]["interactions"] == report["cold_start_interactions"]
+        assert v["overall"]["interactions"] == report["test_interactions"]
+        assert v["cold_start"]["ndcg_units"] <= v["overall"]["ndcg_units"]
+    # folds: consecutive test windows, each trained on everything before it
+    folds = report["folds"]
+    assert len(folds) == FOLDS
+    assert [f["cutoff"] for f in folds] == sorted(f["cutoff"] for f in folds)
+    assert folds[0]["end"] == folds[1]["cutoff"] and folds[-1]["end"] is None
+    assert folds[1]["train_interactions"] == folds[0]["train_interactions"] + \
+        folds[0]["test_interactions"]
     n = len(pd.read_csv(trained["ratings"]))
-    # every interaction came back from Feast and landed on one side of the time split
-    assert report["train_interactions"] + report["test_interactions"] == n
-    assert report["test_interactions"] == pytest.approx(0.2 * n, rel=0.1)
+    assert report["test_interactions"] == sum(f["test_interactions"] for f in folds)
+    assert report["test_interactions"] == pytest.approx(FOLDS * 0.15 * n, rel=0.1)
+    assert 0 < report["cold_start_interactions"] < report["test_interactions"]
     assert (out / "ablation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     ranker = ranker_model.load(out)
-    assert ranker.features.variant == "captions" and ranker.features.n_buckets == 16
+    assert ranker.features.variant == "all" and ranker.features.n_buckets == 16
+    assert ranker.features.genres == tuple(report["genres"])
+    assert ranker.features.semantic_levels == 3
     assert ranker.meta["spec_version"] == load_spec(SPEC_PATH).version
     assert ranker.meta["variants"] == report["variants"]
+
+
+def test_cold_start_and_paired_metrics_on_a_known_case():
+    """A perfect and a reversed scorer on two folds: the metrics, their gains over the
+    reference and the cold-start subset are what they must be."""
+    rng = np.random.default_rng(0)
+    tests, cold = [], []
+    for f in range(2):
+        users = np.repeat(np.arange(20) + 10 * f, 8)  # users 10..19 are in both folds
+        rating = rng.integers(1, 11, len(users)) / 2
+        tests.append(pd.DataFrame({"user_id": users, "rating": rating}))
+        cold.append(np.arange(len(users)) % 2 == 0)
+    scores = {"genres": [t["rating"].to_numpy() for t in tests],  # perfect
+              "all": [-t["rating"].to_numpy() for t in tests]}     # reversed
+    m = train_ranker.ablation_metrics(tests, scores, cold, draws=200, seed=0)
+    perfect, reversed_ = m["genres"], m["all"]
+    assert perfect["overall"]["ndcg@10"]["mean"] == pytest.approx(1.0)
+    assert perfect["overall"]["ndcg@10"]["ci95"] == pytest.approx([1.0, 1.0])
+    assert perfect["overall"]["auc_liked"]["mean"] == pytest.approx(1.0)
+    assert reversed_["overall"]["auc_liked"]["mean"] == pytest.approx(0.0)
+    gain = reversed_["overall"]["ndcg@10_vs_genres"]
+    assert gain["mean"] < 0 and gain["ci95"][1] < 0
+    assert reversed_["cold_start"]["auc_liked_vs_genres"]["mean"] == pytest.approx(-1.0)
+    # units: (fold, user) pairs; 40 of them over 30 distinct users
+    assert perfect["overall"]["ndcg_units"] == 40 and perfect["overall"]["ndcg_users"] == 30
+    assert perfect["cold_start"]["interactions"] == sum(c.sum() for c in cold)
 
 
 def test_historical_features_are_as_of_each_interaction(trained):

@@ -5,6 +5,13 @@
     spark.sql("SELECT item_id, annotate('vibe', title, description) AS vibe, "
               "caption(title, description) AS caption FROM items")
     spark.sql("SELECT item_id, annotate_all(title, description) AS a FROM items")  # one worker
+
+    # semantic IDs need a quantiser fitted on the engine's embeddings of a sample of items
+    from udfs.semantic_fit import quantizer_for
+    q = quantizer_for(spark.table("items"), ["title", "description"], spec,
+                      {"type": "embedding"}, table_root="features/item_annotations")
+    register(spark, spec, engine={"type": "embedding"}, quantizer=q)
+    spark.sql("SELECT item_id, semantic_id(title, description) AS sid FROM items")
 """
 from __future__ import annotations
 
@@ -12,25 +19,40 @@ from udfs.spec import Spec, SpecError, load_spec
 
 
 def register(spark, spec: Spec | str, engine: dict | None = None, fail_on_error: bool = False,
-             prefix: str = "", engine_seconds=None):
-    """Register annotate(), caption() and annotate_all() as SQL functions on this session.
+             prefix: str = "", engine_seconds=None, quantizer=None,
+             embed_engine: dict | None = None):
+    """Register annotate(), caption(), semantic_id() and annotate_all() as SQL functions on
+    this session.
 
     `engine` is a plain config dict (see udfs.engines); the engine itself is built lazily,
     once per Python worker. `engine_seconds`, an optional float accumulator
     (spark.sparkContext.accumulator(0.0)), adds up the time the functions spend annotating.
-    Returns the three UDF objects for DataFrame-API use.
+    `quantizer` (a udfs.semantic_ids.Quantizer or the directory one was saved in) is what
+    semantic_id() and annotate_all() assign codes with when the spec has a semantic_id
+    section; without it their semantic-ID fields are row errors saying so. `embed_engine`
+    (default: `engine`) is the engine whose embeddings they quantise: an encoder such as
+    {"type": "embedding"} beside a generative engine that cannot embed.
+    Returns the four UDF objects for DataFrame-API use.
     """
-    from udfs.functions import make_annotate_all_udf, make_annotate_udf, make_caption_udf
+    from udfs.functions import (make_annotate_all_udf, make_annotate_udf, make_caption_udf,
+                                make_semantic_id_udf)
 
     if isinstance(spec, str):
         spec = load_spec(spec)
+    if isinstance(quantizer, str):
+        from udfs.semantic_ids import load
+        quantizer = load(quantizer)
     annotate = make_annotate_udf(spec, engine, fail_on_error, engine_seconds)
     caption = make_caption_udf(spec, engine, fail_on_error, engine_seconds)
-    annotate_all = make_annotate_all_udf(spec, engine, fail_on_error, engine_seconds)
+    semantic_id = make_semantic_id_udf(spec, engine, fail_on_error, engine_seconds, quantizer,
+                                       embed_engine)
+    annotate_all = make_annotate_all_udf(spec, engine, fail_on_error, engine_seconds, quantizer,
+                                         embed_engine)
     spark.udf.register(prefix + "annotate", annotate)
     spark.udf.register(prefix + "caption", caption)
+    spark.udf.register(prefix + "semantic_id", semantic_id)
     spark.udf.register(prefix + "annotate_all", annotate_all)
-    return annotate, caption, annotate_all
+    return annotate, caption, semantic_id, annotate_all
 
 
 __all__ = ["register", "load_spec", "Spec", "SpecError"]

@@ -1,9 +1,21 @@
 """The SQL functions: Arrow pandas UDFs (iterator form) over one engine per worker.
 
-    annotate(attr, text, ...) -> struct<label, confidence, model, spec_version, error>
-    caption(text, ...)        -> struct<caption, tokens array<bigint>, error>
-    annotate_all(text, ...)   -> struct<<attr>_label, <attr>_confidence, ..., caption,
-                                        caption_tokens, model, error>
+    annotate(attr, text, ...) -> struct<label, confidence, version, model, error>
+    caption(text, ...)        -> struct<caption, tokens array<bigint>, version, error>
+    semantic_id(text, ...)    -> struct<codes array<int>, tokens array<bigint>, version, error>
+    annotate_all(text, ...)   -> struct<<attr>_label, <attr>_confidence, <attr>_version, ...,
+                                        caption, caption_tokens, caption_version,
+                                        semantic_id, semantic_id_tokens, semantic_id_version,
+                                        model, error>
+
+`version` is the attribute's (or caption's) own content version from the spec; a semantic
+ID's is its fitted quantiser's (udfs.semantic_ids). The fields of annotate_all() are the
+feature table's annotation columns (udfs.schema), so its output is already in table form.
+
+semantic_id() embeds the texts with the engine (`Engine.embed`) and assigns each the nearest
+code path of the quantiser given to `udfs.register`; without one, or with an engine that
+cannot embed, or one embedding into another space than the quantiser's, every row gets an
+error saying so.
 
 Each Arrow batch goes to the engine whole (after de-duplication); the engine is fetched once
 per task from the worker cache. The size of an Arrow batch is
@@ -22,12 +34,18 @@ from typing import Iterator, Tuple
 import pandas as pd
 from pyspark.sql.functions import pandas_udf
 
-from udfs import annotator, tokens, worker
+from udfs import annotator, schema, tokens, worker
+from udfs.engines.base import can_embed
+from udfs.schema import AnnotationSchema
 from udfs.spec import Spec
 
-ANNOTATE_TYPE = ("label string, confidence double, model string, "
-                 "spec_version string, error string")
-CAPTION_TYPE = "caption string, tokens array<bigint>, error string"
+ANNOTATE_TYPE = "label string, confidence double, version string, model string, error string"
+CAPTION_TYPE = "caption string, tokens array<bigint>, version string, error string"
+SEMANTIC_ID_TYPE = "codes array<int>, tokens array<bigint>, version string, error string"
+NO_CAPTION = "the spec declares no caption"
+NO_SEMANTIC_ID = "the spec declares no semantic_id"
+NO_QUANTIZER = ("no fitted semantic-ID quantiser: pass quantizer= to udfs.register (one that "
+                "udfs.semantic_fit.quantizer_for fitted, or the directory it saved it in)")
 
 
 class RowErrors(RuntimeError):
@@ -45,11 +63,12 @@ def annotate_frame(engine, spec: Spec, attrs: pd.Series, texts: pd.Series) -> pd
     """One batch of annotate(): attrs usually hold one literal name, but any mix works."""
     attrs = attrs.reset_index(drop=True)
     texts = texts.reset_index(drop=True)
-    out = pd.DataFrame({"label": pd.Series([None] * len(texts), dtype=object),
-                        "confidence": pd.Series([None] * len(texts), dtype="float64"),
+    n = len(texts)
+    out = pd.DataFrame({"label": pd.Series([None] * n, dtype=object),
+                        "confidence": pd.Series([None] * n, dtype="float64"),
+                        "version": pd.Series([None] * n, dtype=object),
                         "model": engine.model_name,
-                        "spec_version": pd.Series([None] * len(texts), dtype=object),
-                        "error": pd.Series([None] * len(texts), dtype=object)})
+                        "error": pd.Series([None] * n, dtype=object)})
     for name, idx in attrs.groupby(attrs.fillna("")).groups.items():
         if name not in spec.attributes:
             out.loc[idx, "error"] = (f"unknown attribute {name!r}; the spec declares "
@@ -60,56 +79,107 @@ def annotate_frame(engine, spec: Spec, attrs: pd.Series, texts: pd.Series) -> pd
         res.index = idx
         for col in ("label", "confidence", "error"):
             out.loc[idx, col] = res[col].to_numpy(dtype=out[col].dtype)
-        out.loc[idx, "spec_version"] = attribute.version
+        out.loc[idx, "version"] = attribute.version
     return out
 
 
 def caption_frame(engine, spec: Spec, texts: pd.Series) -> pd.DataFrame:
+    n = len(texts)
     if spec.caption is None:
-        n = len(texts)
         return pd.DataFrame({"caption": [None] * n, "tokens": [None] * n,
-                             "error": ["the spec declares no caption"] * n})
+                             "version": [None] * n, "error": [NO_CAPTION] * n})
     res = annotator.caption_texts(engine, spec.caption, texts)
     res.insert(1, "tokens", res["caption"].map(tokens.caption_tokens))
+    res.insert(2, "version", spec.caption.version)
     return res
 
 
+def semantic_id_frame(engine, spec: Spec, quantizer, texts: pd.Series) -> pd.DataFrame:
+    """One batch of semantic_id(): codes, prefix tokens, the quantiser's version, error."""
+    texts = texts.reset_index(drop=True)
+    n = len(texts)
+    version = quantizer.version if quantizer is not None else None
+    problem = None
+    if spec.semantic_id is None:
+        problem = NO_SEMANTIC_ID
+    elif quantizer is None:
+        problem = NO_QUANTIZER
+    elif quantizer.config != spec.semantic_id:
+        problem = (f"the quantiser {quantizer.version} was fitted with other settings "
+                   f"({quantizer.config}) than the spec's ({spec.semantic_id}); refit it")
+    elif not can_embed(engine):
+        problem = f"engine {engine.model_name!r} cannot embed; semantic IDs need embed()"
+    elif engine.embedding_model != quantizer.embedder:
+        problem = (f"the quantiser {quantizer.version} was fitted on embeddings of "
+                   f"{quantizer.embedder!r}; this engine embeds with "
+                   f"{engine.embedding_model!r}: refit it for this engine")
+    if problem is not None:
+        return pd.DataFrame({"codes": [None] * n, "tokens": [None] * n,
+                             "version": [version] * n, "error": [problem] * n})
+
+    def call(batch: list[str]) -> list[list[int]]:
+        vectors = engine.embed(batch)
+        if len(vectors) != len(batch):
+            raise RuntimeError(f"engine returned {len(vectors)} embeddings for {len(batch)} texts")
+        return [row.tolist() for row in quantizer.assign(vectors)]
+
+    codes, errors = annotator._unique_call(texts, call)
+    return pd.DataFrame({"codes": codes,
+                         "tokens": [None if c is None else quantizer.tokens(c) for c in codes],
+                         "version": [version] * n, "error": errors})
+
+
 def all_type(spec: Spec) -> str:
-    fields = [f"{name}_label string, {name}_confidence double" for name in spec.attributes]
-    if spec.caption is not None:
-        fields.append("caption string, caption_tokens array<bigint>")
-    return ", ".join(fields + ["model string", "error string"])
+    """annotate_all()'s return type: the table's annotation columns for this spec."""
+    table = AnnotationSchema(spec)
+    return table.spark_ddl(table.udf_columns())
 
 
-def annotate_all_frame(engine, spec: Spec, texts: pd.Series) -> pd.DataFrame:
-    """Every attribute and the caption for one batch; errors joined as "attr: message"."""
+def annotate_all_frame(engine, spec: Spec, texts: pd.Series, quantizer=None,
+                       embedder=None) -> pd.DataFrame:
+    """Every attribute, the caption and the semantic ID (embedded by `embedder`, default
+    the engine) for one batch; errors joined as "part: message"."""
     texts = texts.reset_index(drop=True)
     columns, errors = {}, []
     for name, attribute in spec.attributes.items():
         res = annotator.annotate_texts(engine, attribute, texts)
-        columns[f"{name}_label"] = res["label"]
-        columns[f"{name}_confidence"] = res["confidence"]
+        columns[schema.label(name)] = res["label"]
+        columns[schema.confidence(name)] = res["confidence"]
+        columns[schema.version(name)] = attribute.version
         errors.append(res["error"].map(lambda e, n=name: e and f"{n}: {e}"))
     if spec.caption is not None:
         res = caption_frame(engine, spec, texts)
-        columns["caption"] = res["caption"]
-        columns["caption_tokens"] = res["tokens"]
+        columns[schema.CAPTION] = res["caption"]
+        columns[schema.CAPTION_TOKENS] = res["tokens"]
+        columns[schema.CAPTION_VERSION] = spec.caption.version
         errors.append(res["error"].map(lambda e: e and f"caption: {e}"))
-    out = pd.DataFrame(columns)
-    out["model"] = engine.model_name
-    out["error"] = ["; ".join(e for e in row if e) or None for row in zip(*errors)]
+    if spec.semantic_id is not None:
+        res = semantic_id_frame(embedder or engine, spec, quantizer, texts)
+        columns[schema.SEMANTIC_ID] = res["codes"]
+        columns[schema.SEMANTIC_ID_TOKENS] = res["tokens"]
+        columns[schema.SEMANTIC_ID_VERSION] = res["version"]
+        errors.append(res["error"].map(lambda e: e and f"semantic_id: {e}"))
+    out = pd.DataFrame(columns, index=texts.index)
+    out[schema.MODEL] = engine.model_name
+    out[schema.ERROR] = ["; ".join(e for e in row if e) or None for row in zip(*errors)] \
+        if errors else None
     return out
 
 
+def _columns(batch) -> tuple[pd.Series, ...]:
+    """Spark hands an iterator UDF of one argument a Series, of several a tuple of them."""
+    return (batch,) if isinstance(batch, pd.Series) else tuple(batch)
+
+
 def _batch_udf(name: str, return_type: str, frame, engine_config: dict | None,
-               fail_on_error: bool, engine_seconds):
+               fail_on_error: bool, engine_seconds, slot: str = worker.MAIN):
     """An iterator pandas UDF: this worker's engine once per task, then `frame(engine, cols)`
     per Arrow batch. `engine_seconds`, an optional accumulator, adds up time spent in frame."""
     def run(batches: Iterator[Tuple[pd.Series, ...]]) -> Iterator[pd.DataFrame]:
-        engine = worker.get_engine(engine_config)
-        for cols in batches:
+        engine = worker.get_engine(engine_config, slot)
+        for batch in batches:
             started = time.perf_counter()
-            out = frame(engine, cols)
+            out = frame(engine, _columns(batch))
             if engine_seconds is not None:
                 engine_seconds.add(time.perf_counter() - started)
             _check(out["error"], name, fail_on_error)
@@ -119,20 +189,24 @@ def _batch_udf(name: str, return_type: str, frame, engine_config: dict | None,
 
 
 def make_annotate_all_udf(spec: Spec, engine_config: dict | None, fail_on_error: bool = False,
-                          engine_seconds=None):
-    return _batch_udf(
-        "annotate_all", all_type(spec),
-        lambda engine, cols: annotate_all_frame(engine, spec, annotator.clean_columns(cols)),
-        engine_config, fail_on_error, engine_seconds)
+                          engine_seconds=None, quantizer=None, embed_config: dict | None = None):
+    def frame(engine, cols):
+        embedder = (worker.get_engine(embed_config, worker.EMBED)
+                    if embed_config is not None and spec.semantic_id is not None else engine)
+        return annotate_all_frame(engine, spec, annotator.clean_columns(cols), quantizer,
+                                  embedder)
+    return _batch_udf("annotate_all", all_type(spec), frame, engine_config, fail_on_error,
+                      engine_seconds)
 
 
 def make_annotate_udf(spec: Spec, engine_config: dict | None, fail_on_error: bool = False,
                       engine_seconds=None):
-    return _batch_udf(
-        "annotate", ANNOTATE_TYPE,
-        lambda engine, cols: annotate_frame(engine, spec, cols[0],
-                                            annotator.clean_columns(cols[1:])),
-        engine_config, fail_on_error, engine_seconds)
+    def frame(engine, cols):
+        if len(cols) < 2:
+            raise TypeError("annotate() takes the attribute name and at least one text column")
+        return annotate_frame(engine, spec, cols[0], annotator.clean_columns(cols[1:]))
+    return _batch_udf("annotate", ANNOTATE_TYPE, frame, engine_config, fail_on_error,
+                      engine_seconds)
 
 
 def make_caption_udf(spec: Spec, engine_config: dict | None, fail_on_error: bool = False,
@@ -141,3 +215,13 @@ def make_caption_udf(spec: Spec, engine_config: dict | None, fail_on_error: bool
         "caption", CAPTION_TYPE,
         lambda engine, cols: caption_frame(engine, spec, annotator.clean_columns(cols)),
         engine_config, fail_on_error, engine_seconds)
+
+
+def make_semantic_id_udf(spec: Spec, engine_config: dict | None, fail_on_error: bool = False,
+                         engine_seconds=None, quantizer=None, embed_config: dict | None = None):
+    return _batch_udf(
+        "semantic_id", SEMANTIC_ID_TYPE,
+        lambda engine, cols: semantic_id_frame(engine, spec, quantizer,
+                                               annotator.clean_columns(cols)),
+        engine_config if embed_config is None else embed_config, fail_on_error, engine_seconds,
+        worker.MAIN if embed_config is None else worker.EMBED)

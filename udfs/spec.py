@@ -1,9 +1,12 @@
 """Attribute specs: the versioned YAML that says what to annotate.
 
 A spec declares attributes (each a closed label set with one-line definitions, a prompt
-template and optional few-shot examples) and an optional caption. Every attribute carries a
-version derived from its content, so a changed definition is a new version and the
-incremental annotate job knows which rows to redo.
+template and optional few-shot examples), an optional caption and an optional semantic ID
+(hierarchical codes quantised from item embeddings, udfs.semantic_ids). Every attribute
+carries a version derived from its content, so a changed definition is a new version and the
+incremental annotate job knows which rows to redo. The semantic ID's spec version covers its
+settings only; the version stored per row is its fitted quantiser's (settings, embedding
+model and centroids), since the same settings fitted on another sample are another code.
 """
 from __future__ import annotations
 
@@ -80,9 +83,32 @@ class Caption:
 
 
 @dataclass(frozen=True)
+class SemanticId:
+    """Residual quantisation of item embeddings into `levels` codes of `codes` values each.
+
+    `sample` items (drawn deterministically with `seed`) fit the quantiser; `max_iter` bounds
+    the k-means iterations per level. Changing any of these means another quantiser."""
+    levels: int = 3
+    codes: int = 64
+    sample: int = 10_000
+    seed: int = 0
+    max_iter: int = 50
+
+    @property
+    def version(self) -> str:
+        return _version({"levels": self.levels, "codes": self.codes, "sample": self.sample,
+                         "seed": self.seed, "max_iter": self.max_iter})
+
+
+SEMANTIC_ID_LIMITS = {"levels": (1, 8), "codes": (2, 4096), "sample": (2, 10_000_000),
+                      "seed": (0, 2**31 - 1), "max_iter": (1, 1000)}
+
+
+@dataclass(frozen=True)
 class Spec:
     attributes: dict[str, Attribute]
     caption: Caption | None = None
+    semantic_id: SemanticId | None = None
     name: str = "spec"
     source: str = field(default="", compare=False)
 
@@ -91,7 +117,19 @@ class Spec:
         """One version for the whole spec: any changed attribute or caption changes it."""
         parts = {n: a.version for n, a in sorted(self.attributes.items())}
         parts["__caption__"] = self.caption.version if self.caption else ""
+        if self.semantic_id is not None:  # absent: the version a spec without one always had
+            parts["__semantic_id__"] = self.semantic_id.version
         return _version(parts)
+
+    def restricted(self, parts) -> Spec:
+        """The same spec with only the named attributes (and the caption if "caption" is
+        named, the semantic ID if "semantic_id" is): what one pass of the annotate job
+        annotates."""
+        parts = set(parts)
+        return Spec(attributes={n: a for n, a in self.attributes.items() if n in parts},
+                    caption=self.caption if "caption" in parts else None,
+                    semantic_id=self.semantic_id if "semantic_id" in parts else None,
+                    name=self.name, source=self.source)
 
     def attribute(self, name: str) -> Attribute:
         try:
@@ -129,6 +167,10 @@ def parse_spec(data: dict, source: str = "") -> Spec:
         where = f"attributes.{name}"
         _require(isinstance(name, str) and name.isidentifier(), where,
                  "attribute names must be identifiers (letters, digits, underscore)")
+        _require(name != "caption", where, "'caption' names the spec's caption; "
+                 "choose another attribute name")
+        _require(name != "semantic_id", where, "'semantic_id' names the spec's semantic ID; "
+                 "choose another attribute name")
         _require(isinstance(body, dict), where, "must be a mapping")
         labels_raw = body.get("labels")
         _require(labels_raw is not None, f"{where}.labels", "is required")
@@ -181,7 +223,30 @@ def parse_spec(data: dict, source: str = "") -> Spec:
         caption = Caption(prompt=prompt, max_tokens=max_tokens,
                           descriptors=tuple(descriptors), top_k=top_k)
     return Spec(attributes=attributes, caption=caption,
+                semantic_id=_semantic_id(data.get("semantic_id", None), "semantic_id" in data),
                 name=str(data.get("name", Path(source).stem if source else "spec")), source=source)
+
+
+def _semantic_id(raw, present: bool) -> SemanticId | None:
+    """The optional `semantic_id:` section; `semantic_id: {}` takes every default."""
+    if not present:
+        return None
+    raw = {} if raw is None else raw
+    _require(isinstance(raw, dict), "semantic_id", "must be a mapping (e.g. {levels: 3, "
+             "codes: 64, sample: 10000, seed: 0})")
+    unknown = sorted(set(raw) - set(SEMANTIC_ID_LIMITS))
+    _require(not unknown, "semantic_id", f"unknown keys {unknown}; allowed "
+             f"{sorted(SEMANTIC_ID_LIMITS)}")
+    values = {}
+    for key, (lo, hi) in SEMANTIC_ID_LIMITS.items():
+        value = raw.get(key, getattr(SemanticId, key))
+        _require(isinstance(value, int) and not isinstance(value, bool) and lo <= value <= hi,
+                 f"semantic_id.{key}", f"must be an integer in [{lo}, {hi}], not {value!r}")
+        values[key] = value
+    _require(values["sample"] >= values["codes"], "semantic_id.sample",
+             f"must be at least semantic_id.codes ({values['codes']}): k-means needs a point "
+             "per code")
+    return SemanticId(**values)
 
 
 def load_spec(path: str | Path) -> Spec:

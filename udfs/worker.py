@@ -26,8 +26,11 @@ from udfs.engines import Engine, build_engine
 
 log = logging.getLogger(__name__)
 
-_engine: Engine | None = None
-_engine_key: tuple[str, tuple[str, ...]] | None = None
+# slot -> ((config, GPU addresses), engine). "main" annotates (routing swaps head and tail
+# engines in it: never two large models at once); "embed" holds the semantic-ID embedder
+# when it is another engine than the main one (a small CPU/GPU encoder beside an LLM).
+_slots: dict[str, tuple[tuple[str, tuple[str, ...]], Engine]] = {}
+MAIN, EMBED = "main", "embed"
 _exit_hook = False
 # CPU engines that take a `threads` option: sized to the task's cores, so N concurrent
 # workers do not each start one thread per machine core and oversubscribe the CPU.
@@ -121,30 +124,37 @@ def effective_config(config: dict | None) -> dict:
     return config
 
 
-def close_engine() -> None:
-    """Close this worker's engine, if any (also run at interpreter exit)."""
-    global _engine, _engine_key
-    engine, _engine, _engine_key = _engine, None, None
-    if engine is not None:
-        engine.close()
+def close_engine(slot: str | None = None) -> None:
+    """Close this worker's engine in `slot`, or every engine (also run at interpreter exit)."""
+    for name in [slot] if slot else list(_slots):
+        held = _slots.pop(name, None)
+        if held is not None:
+            held[1].close()
 
 
-def get_engine(config: dict | None) -> Engine:
-    """This worker's engine for `config` on the task's GPUs, built on first use, then reused."""
-    global _engine, _engine_key, _exit_hook
+def get_engine(config: dict | None, slot: str = MAIN) -> Engine:
+    """This worker's engine for `config` on the task's GPUs, built on first use, then reused.
+
+    One engine per slot: a new config in a slot closes the slot's old engine; a task on
+    other GPUs closes every engine first (each is rebuilt where the task runs)."""
+    global _exit_hook
     addresses = tuple(task_gpu_addresses())
     key = (json.dumps(config or {}, sort_keys=True, default=str), addresses)
-    if _engine is not None and _engine_key == key:
-        return _engine
-    pinned = pin_gpu(list(addresses))  # may refuse: then the old engine stays as it was
-    close_engine()
-    log.info("building engine %s (pid %d, gpu %s)", key[0], os.getpid(), pinned)
-    _engine = build_engine(effective_config(config))
-    _engine_key = key
+    for name in (slot, MAIN):  # the embedder may be the main engine itself
+        held = _slots.get(name)
+        if held is not None and held[0] == key:
+            return held[1]
+    pinned = pin_gpu(list(addresses))  # may refuse: then the old engines stay as they were
+    if any(k[1] != addresses for k, _ in _slots.values()):
+        close_engine()
+    close_engine(slot)
+    log.info("building engine %s in slot %s (pid %d, gpu %s)", key[0], slot, os.getpid(), pinned)
+    engine = build_engine(effective_config(config))
+    _slots[slot] = (key, engine)
     if not _exit_hook:
         # A Python worker that exits normally closes its engine. PySpark's daemon ends
         # workers with os._exit or SIGKILL, which skip this: the vllm engine guards its
         # engine-core process against that itself (udfs.engines.vllm).
         atexit.register(close_engine)
         _exit_hook = True
-    return _engine
+    return engine

@@ -12,7 +12,9 @@ of the form "package.module:ClassName" loads a custom Engine subclass (a plugin)
 from __future__ import annotations
 
 import importlib
+import json
 import os
+from pathlib import Path
 
 from udfs.engines.base import Engine, Labels
 
@@ -66,6 +68,25 @@ def check_config(config: dict | None) -> None:
         _load(kind)
 
 
+def parse_engine(value: str | None) -> dict:
+    """An --engine option: a type name, inline JSON, or a YAML/JSON file with a 'type' key."""
+    if not value:
+        return dict(DEFAULT_ENGINE)
+    if value.lstrip().startswith("{"):
+        try:
+            config = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise EngineConfigError(f"--engine is not valid JSON: {exc}") from None
+    elif Path(value).is_file():
+        import yaml
+        config = yaml.safe_load(Path(value).read_text())
+    else:
+        return {"type": value}
+    if not isinstance(config, dict) or "type" not in config:
+        raise EngineConfigError(f"engine config {value!r} must be a mapping with a 'type' key")
+    return config
+
+
 def build_engine(config: dict | None) -> Engine:
     config = dict(config or DEFAULT_ENGINE)
     kind = config.pop("type", None)
@@ -77,4 +98,4 @@ def build_engine(config: dict | None) -> Engine:
 
 
 __all__ = ["Engine", "Labels", "EngineConfigError", "build_engine", "check_config",
-           "DEFAULT_ENGINE"]
+           "parse_engine", "DEFAULT_ENGINE"]

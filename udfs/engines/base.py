@@ -15,9 +15,12 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from udfs.spec import Attribute, Caption
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 @dataclass
@@ -63,9 +66,20 @@ def is_fatal(exc: BaseException) -> bool:
     return False
 
 
+class EmbeddingUnsupported(NotImplementedError):
+    """The engine has no `embed`: semantic IDs need an engine that can embed."""
+
+
 class Engine(ABC):
     #: identifies the model in the provenance columns (e.g. "embedding:all-MiniLM-L6-v2")
     model_name: str = "engine"
+
+    @property
+    def embedding_model(self) -> str:
+        """The embedding space `embed` maps into: a semantic-ID quantiser fitted on one
+        engine's embeddings only assigns codes to embeddings from the same space. Engines
+        whose embeddings do not follow `model_name` override it."""
+        return self.model_name
 
     @abstractmethod
     def classify(self, texts: Sequence[str], attribute: Attribute) -> Labels:
@@ -75,5 +89,19 @@ class Engine(ABC):
     def caption(self, texts: Sequence[str], caption: Caption) -> list[str]:
         """Write a short caption per text."""
 
+    def embed(self, texts: Sequence[str]) -> "np.ndarray":
+        """Optional: one vector per text, as a (len(texts), dim) float array, the same text
+        always giving the same vector (semantic IDs quantise them). Engines that cannot
+        embed keep this default."""
+        raise EmbeddingUnsupported(
+            f"engine {self.model_name!r} ({type(self).__name__}) cannot embed; semantic IDs "
+            "need an engine with embed(): name one for them, e.g. the annotate job's "
+            "--embed-engine embedding (the embedded MiniLM)")
+
     def close(self) -> None:
         """Release the model (GPU memory, connections, child processes)."""
+
+
+def can_embed(engine: Engine) -> bool:
+    """Whether the engine implements `embed` (without calling it)."""
+    return type(engine).embed is not Engine.embed

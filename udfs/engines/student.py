@@ -12,12 +12,54 @@ the student still get a caption when the spec lists descriptors.
 """
 from __future__ import annotations
 
+import json
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
+
+import numpy as np
 
 from udfs.engines.base import Engine, Labels
 from udfs.engines.embedding import EmbeddingEngine
 from udfs.spec import Attribute, Caption
+
+
+@dataclass
+class Student:
+    """A distilled student: logistic regression on the encoder's embeddings (numpy arrays
+    plus a JSON card, no pickle: loading runs no code). Trained by quality.distill."""
+    attribute: str
+    labels: list[str]          # the classes, in the row order of coef
+    attribute_version: str     # the spec attribute the teacher labelled under
+    spec_version: str
+    teacher: str               # the teacher engine's model_name
+    embedding: str             # the embedding engine's model_name
+    coef: np.ndarray = field(repr=False)       # (n_labels, dim)
+    intercept: np.ndarray = field(repr=False)  # (n_labels,)
+    report: dict = field(default_factory=dict)
+
+    def predict_proba(self, embeddings: np.ndarray) -> np.ndarray:
+        z = embeddings @ self.coef.T + self.intercept
+        z -= z.max(axis=1, keepdims=True)
+        e = np.exp(z)
+        return e / e.sum(axis=1, keepdims=True)
+
+    def save(self, directory: str | Path) -> Path:
+        """Writes <attribute>.json and <attribute>.npz; other attributes' students stay."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        np.savez(directory / f"{self.attribute}.npz", coef=self.coef, intercept=self.intercept)
+        card = {k: v for k, v in asdict(self).items() if k not in ("coef", "intercept")}
+        path = directory / f"{self.attribute}.json"
+        path.write_text(json.dumps(card, indent=2))
+        return path
+
+    @classmethod
+    def load(cls, card_path: str | Path) -> "Student":
+        card_path = Path(card_path)
+        card = json.loads(card_path.read_text())
+        weights = np.load(card_path.with_suffix(".npz"))
+        return cls(**card, coef=weights["coef"], intercept=weights["intercept"])
 
 
 class StudentError(ValueError):
@@ -27,8 +69,6 @@ class StudentError(ValueError):
 class StudentEngine(Engine):
     def __init__(self, path: str, model_path: str | None = None, batch_size: int = 128,
                  device: str = "cpu", threads: int | None = None):
-        from quality.distill import Student
-
         root = Path(path)
         cards = [root] if root.suffix == ".json" else sorted(root.glob("*.json"))
         if not cards:
