@@ -7,9 +7,8 @@ a refused batch; the Feast engine and the validate CLI both go through it.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import great_expectations as gx
 import pandas as pd
@@ -17,87 +16,14 @@ from great_expectations.data_context.types.base import ProgressBarsConfig
 
 from expectations.reference import read_reference, write_reference
 from expectations.report import quarantine, write_report
-from expectations.suites import spec_suite, user_suites, with_derived_columns
+from expectations.result import (SAMPLE, Check, GateResult, _plain,  # noqa: F401 (re-exported)
+                                 _sample, refuse_shape)
+from expectations.suites import share_suite, spec_suite, user_suites, with_derived_columns
 from expectations.thresholds import Thresholds
 from udfs.spec import Spec
 
 # COMPLETE: GE lists the index of every unexpected row, which is what quarantine needs
-SAMPLE = 10  # offending values shown per expectation
 RESULT_FORMAT = {"result_format": "COMPLETE", "partial_unexpected_count": SAMPLE}
-
-
-@dataclass(frozen=True)
-class Check:
-    """One expectation's outcome, in terms a person can act on."""
-    suite: str
-    expectation: str
-    column: str | None
-    success: bool
-    observed: Any  # GE's observed value, else the share of rows that broke the expectation
-    expected: dict  # the expectation's bounds: value_set, min/max_value, mostly, threshold ...
-    unexpected_count: int | None = None
-    unexpected_values: tuple = ()
-    error: str | None = None  # why the expectation could not be evaluated (e.g. no such column)
-    rows: tuple[int, ...] = field(default=(), repr=False)  # positions of the offending rows
-
-    def describe(self) -> str:
-        target = f"{self.expectation}({self.column})" if self.column else self.expectation
-        if self.error:
-            return f"{target}: could not be evaluated: {self.error}"
-        if self.unexpected_count is not None:  # a per-row expectation: observed is a share
-            text = f"{target}: {self.unexpected_count} rows ({self.observed:.1%}) unexpected"
-        else:
-            text = f"{target}: observed {self.observed}"
-        if self.unexpected_values:
-            text += f" (e.g. {list(self.unexpected_values)[:3]})"
-        bounds = {k: v for k, v in self.expected.items() if k != "partition_object"}
-        return f"{text}; expected {bounds}"
-
-    def to_dict(self) -> dict:
-        return {
-            "suite": self.suite, "expectation": self.expectation, "column": self.column,
-            "success": self.success, "observed": self.observed, "expected": self.expected,
-            "unexpected_count": self.unexpected_count,
-            "unexpected_values": list(self.unexpected_values), "error": self.error,
-        }
-
-
-@dataclass
-class GateResult:
-    view: str
-    rows: int
-    checks: list[Check]
-    notes: list[str] = field(default_factory=list)
-    checked_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
-    report: Path | None = None
-    quarantine: list[Path] = field(default_factory=list)
-
-    @property
-    def success(self) -> bool:
-        return all(c.success for c in self.checks)
-
-    @property
-    def failures(self) -> list[Check]:
-        return [c for c in self.checks if not c.success]
-
-    def summary(self) -> str:
-        head = (f"{self.view}: {'PASSED' if self.success else 'FAILED'} "
-                f"({len(self.checks) - len(self.failures)}/{len(self.checks)} expectations met, "
-                f"{self.rows} rows)")
-        lines = [head] + [f"  FAIL {c.describe()}" for c in self.failures]
-        lines += [f"  note: {n}" for n in self.notes]
-        if self.report:
-            lines.append(f"  report: {self.report}")
-        return "\n".join(lines)
-
-    def to_dict(self) -> dict:
-        return {
-            "view": self.view, "success": self.success, "rows": self.rows,
-            "checked_at": self.checked_at.isoformat(timespec="seconds"),
-            "failures": [c.to_dict() for c in self.failures],
-            "checks": [c.to_dict() for c in self.checks],
-            "notes": self.notes, "quarantine": [str(p) for p in self.quarantine],
-        }
 
 
 def validate_frame(df: pd.DataFrame, suites: Sequence[gx.ExpectationSuite], *,
@@ -138,22 +64,6 @@ def _check(suite: str, r) -> Check:
         error=_exception_message(r.exception_info), rows=rows)
 
 
-def _sample(values: Sequence) -> tuple:
-    """Distinct offending values, first seen first (lists are not hashable, so no set)."""
-    seen: list = []
-    for value in map(_plain, values):
-        if value not in seen and len(seen) < SAMPLE:
-            seen.append(value)
-    return tuple(seen)
-
-
-def _plain(value: Any) -> Any:
-    """A JSON-friendly version of a cell value (numpy scalars, NaN)."""
-    if hasattr(value, "item"):
-        value = value.item()
-    return None if isinstance(value, float) and value != value else value
-
-
 def _exception_message(info: dict | None) -> str | None:
     """GE nests metric exceptions under metric ids; pull out the first message."""
     if not info:
@@ -176,6 +86,7 @@ class Gate:
     suites_dir: Path | None = None  # None: the suites shipped in expectations/suites
     thresholds: Thresholds = field(default_factory=Thresholds)
     annotations_view: str = "item_annotations"  # the view the spec's suite applies to
+    key: str = "item_id"  # the annotation table's id column
 
     def reference_path(self, view: str) -> Path:
         return self.reference_dir / f"{view}.json"
@@ -190,7 +101,7 @@ class Gate:
             elif reference is None:
                 notes.append(f"label drift not checked: no reference at {self.reference_path(view)}"
                              " (write one with `python -m spark_jobs.validate --write-reference`)")
-            suite, more = spec_suite(self.spec, self.thresholds, reference, n_rows)
+            suite, more = spec_suite(self.spec, self.thresholds, reference, n_rows, self.key)
             suites.append(suite)
             notes += more
         suites += user_suites(self.suites_dir, view)
@@ -204,13 +115,66 @@ class Gate:
         drift=False leaves out the drift check (used when the batch becomes the new reference).
         """
         df = df.reset_index(drop=True)
-        suites, notes = self.suites(view, len(df), drift)
-        result = validate_frame(with_derived_columns(df), suites, view=view, notes=notes)
+        refused = self.refuse_shape(view, df.columns, len(df))
+        if refused is not None:
+            result = refused
+        else:
+            suites, notes = self.suites_for(view, df.columns, len(df), drift)
+            result = validate_frame(with_derived_columns(df), suites, view=view, notes=notes)
         if not result.success:
-            stamp = result.checked_at.strftime("%Y%m%dT%H%M%S%fZ")
-            result.quarantine = quarantine(df, result, self.quarantine_dir / view / stamp)
+            result.quarantine = quarantine(df, result, self.quarantine_path(result))
         result.report = write_report(result, self.report_dir)
         return result
+
+    def check_spark(self, view: str, sdf, drift: bool = True,
+                    n_rows: int | None = None) -> GateResult:
+        """`check` for a Spark DataFrame, computed with Spark (expectations.spark_checks):
+        the driver receives counts and a few sample values, never the rows. Persist `sdf`
+        first: it is scanned a few times, and the rows checked must be the rows written.
+        A refused batch is quarantined by Spark (Parquet directories)."""
+        from expectations import spark_checks
+        from expectations.report import quarantine_spark
+
+        n = sdf.count() if n_rows is None else n_rows
+        refused = self.refuse_shape(view, sdf.columns, n)
+        failing = None
+        if refused is not None:
+            result = refused
+        else:
+            suites, notes = self.suites_for(view, sdf.columns, n, drift)
+            derived = spark_checks.with_derived_columns(sdf)
+            validation = spark_checks.validate_spark_frame(derived, suites, view=view,
+                                                           notes=notes, n_rows=n)
+            result = validation.result
+            if not result.success:
+                failing = validation.failing_rows(derived, sdf.columns)
+        if not result.success:
+            result.quarantine = quarantine_spark(sdf, failing, self.quarantine_path(result))
+        result.report = write_report(result, self.report_dir)
+        return result
+
+    def suites_for(self, view: str, columns, n_rows: int,
+                   drift: bool = True) -> tuple[list[gx.ExpectationSuite], list[str]]:
+        """Every suite that applies to a frame of `view` with these columns."""
+        suites, notes = self.suites(view, n_rows, drift)
+        shares = share_suite(self.spec, columns)
+        suites += [shares] if shares is not None and view != self.annotations_view else []
+        return suites, notes
+
+    def quarantine_path(self, result: GateResult) -> Path:
+        return self.quarantine_dir / result.view / result.checked_at.strftime("%Y%m%dT%H%M%S%fZ")
+
+    def record(self, result: GateResult) -> GateResult:
+        """Write the report of a verdict reached without a frame (e.g. a source that lacks
+        declared columns, refused before it is read)."""
+        result.report = write_report(result, self.report_dir)
+        return result
+
+    def refuse_shape(self, view: str, columns, n_rows: int | None,
+                     declared: Sequence[str] = ()) -> GateResult | None:
+        """expectations.result.refuse_shape for this gate's spec, key and annotation view."""
+        return refuse_shape(self.spec, self.key, self.annotations_view, view, columns, n_rows,
+                            declared)
 
     def write_reference(self, view: str, df: pd.DataFrame) -> Path:
         return write_reference(self.reference_path(view), df, self.spec)

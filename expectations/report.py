@@ -2,19 +2,20 @@
 
 The report names every failing expectation with its observed value and its bounds. A
 refused batch is kept whole (`batch.parquet`, to fix and replay) and its offending rows
-separately (`failing_rows.parquet`, with the expectations each row broke).
+separately (`failing_rows.parquet`, with the expectations each row broke): one Parquet file
+each from a pandas check, one Parquet directory each (written by Spark) from a Spark check.
 """
 from __future__ import annotations
 
 import html
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
 if TYPE_CHECKING:
-    from expectations.gate import GateResult
+    from expectations.result import GateResult
 
 
 def write_report(result: GateResult, report_dir: Path) -> Path:
@@ -75,3 +76,18 @@ def quarantine(df: pd.DataFrame, result: GateResult, directory: Path) -> list[Pa
     failing = directory / "failing_rows.parquet"
     rows.to_parquet(failing, index=False)
     return [batch, failing]
+
+
+def quarantine_spark(batch: Any, failing: Any | None, directory: Path) -> list[Path]:
+    """`quarantine` for Spark DataFrames: Spark writes the refused batch and, when
+    row-level expectations failed, the failing rows (with `failed_expectations`) as Parquet
+    directories of the same names; no row passes through the driver. On a cluster,
+    `directory` must be storage every executor can write (a shared mount).
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = [directory / "batch.parquet"]
+    batch.write.mode("error").parquet(str(paths[0]))
+    if failing is not None:
+        paths.append(directory / "failing_rows.parquet")
+        failing.write.mode("error").parquet(str(paths[1]))
+    return paths

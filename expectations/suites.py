@@ -1,13 +1,15 @@
 """Expectation suites: one generated from the attribute spec, plus user-editable JSON suites.
 
 The spec suite checks what the spec promises about the annotation table: labels inside the
-declared sets, confidences in [0, 1], few errors, captions of a sane length, unique item ids,
-and label shares close to a stored reference. User suites are plain Great Expectations 1.x
-suite JSON files, `<suites_dir>/<feature view>.json`, applied on top.
+declared sets, confidences in [0, 1], few errors, captions of a sane length, semantic IDs
+present for nearly every item, unique item ids, and label shares close to a stored reference.
+User suites are plain Great Expectations 1.x suite JSON files, `<suites_dir>/<feature
+view>.json`, applied on top.
 """
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import great_expectations as gx
@@ -15,7 +17,14 @@ import pandas as pd
 from great_expectations.expectations.expectation_configuration import ExpectationConfiguration
 
 from expectations.thresholds import Thresholds
+from udfs import schema as S
 from udfs.spec import Spec
+
+# GE pins some module loggers at INFO when imported ("Created temporary directory ..." per
+# context): let them inherit the "great_expectations" level the CLIs and the engine set.
+for _name in list(logging.root.manager.loggerDict):
+    if _name.startswith("great_expectations."):
+        logging.getLogger(_name).setLevel(logging.NOTSET)
 
 E = gx.expectations
 SHIPPED_SUITES = Path(__file__).parent / "suites"
@@ -28,9 +37,9 @@ class SuiteError(ValueError):
 
 def with_derived_columns(df: pd.DataFrame) -> pd.DataFrame:
     """Columns the suites check that the table stores only implicitly."""
-    if "caption_tokens" not in df.columns:
+    if S.CAPTION_TOKENS not in df.columns:
         return df
-    counts = df["caption_tokens"].map(lambda toks: None if toks is None else len(toks))
+    counts = df[S.CAPTION_TOKENS].map(lambda toks: None if toks is None else len(toks))
     return df.assign(**{CAPTION_TOKEN_COUNT: counts.astype("Int64")})
 
 
@@ -39,26 +48,32 @@ def spec_suite(spec: Spec, thresholds: Thresholds, reference: dict | None, n_row
     """The suite the spec implies, and notes on checks it had to leave out.
 
     `reference` is a stored label distribution (expectations.reference); None leaves out
-    the drift check.
+    the drift check. Column names come from udfs.schema.
     """
     mostly = 1.0 - thresholds.max_error_share
     expectations: list = [
         E.ExpectColumnValuesToNotBeNull(column=key),
         E.ExpectColumnValuesToBeUnique(column=key),
         # an error row is one the engine could not annotate; a few are tolerated
-        E.ExpectColumnValuesToBeNull(column="error", mostly=mostly),
+        E.ExpectColumnValuesToBeNull(column=S.ERROR, mostly=mostly),
     ]
     for name, attr in spec.attributes.items():
         expectations += [
-            E.ExpectColumnValuesToBeInSet(column=f"{name}_label", value_set=list(attr.labels)),
-            E.ExpectColumnValuesToNotBeNull(column=f"{name}_label", mostly=mostly),
-            E.ExpectColumnValuesToBeBetween(column=f"{name}_confidence",
+            E.ExpectColumnValuesToBeInSet(column=S.label(name), value_set=list(attr.labels)),
+            E.ExpectColumnValuesToNotBeNull(column=S.label(name), mostly=mostly),
+            E.ExpectColumnValuesToBeBetween(column=S.confidence(name),
                                             min_value=0.0, max_value=1.0),
         ]
     if spec.caption is not None:
         expectations.append(E.ExpectColumnValuesToBeBetween(
             column=CAPTION_TOKEN_COUNT, min_value=thresholds.caption_min_tokens,
             max_value=thresholds.caption_max_tokens or 2 * spec.caption.max_tokens))
+    if spec.semantic_id is not None:
+        # a code path and its prefix tokens for every item the engine could embed
+        expectations += [
+            E.ExpectColumnValuesToNotBeNull(column=S.SEMANTIC_ID, mostly=mostly),
+            E.ExpectColumnValuesToNotBeNull(column=S.SEMANTIC_ID_TOKENS, mostly=mostly),
+        ]
     drift, notes = _drift_expectations(spec, thresholds, reference, n_rows)
     suite = gx.ExpectationSuite(name=f"spec:{spec.name}@{spec.version}",
                                 expectations=expectations + drift)
@@ -80,10 +95,22 @@ def _drift_expectations(spec: Spec, thresholds: Thresholds, reference: dict | No
                          f"current definition of {name!r}; write a new reference")
             continue
         expectations.append(E.ExpectColumnKLDivergenceToBeLessThan(
-            column=f"{name}_label",
+            column=S.label(name),
             partition_object={"values": ref["values"], "weights": ref["weights"]},
             threshold=thresholds.max_kl_divergence))
     return expectations, notes
+
+
+def share_suite(spec: Spec, columns) -> gx.ExpectationSuite | None:
+    """Per-label user shares (the ranker's user_stats columns named by the spec's labels)
+    lie in [0, 1]; None when the frame holds no such column."""
+    names = S.share_columns(spec)
+    present = [n for n in names if n in set(columns)]
+    if not present:
+        return None
+    return gx.ExpectationSuite(name=f"shares:{spec.name}", expectations=[
+        E.ExpectColumnValuesToBeBetween(column=n, min_value=0.0, max_value=1.0)
+        for n in present])
 
 
 def user_suites(suites_dir: Path | None, view: str) -> list[gx.ExpectationSuite]:

@@ -21,8 +21,9 @@ import pytest
 from feast import FeatureStore
 
 from spark_jobs.validate import main as validate_main
-from tests.test_gate import (ROOT, annotation_frame, item_stats_frame, user_stats_frame,
-                             with_errors, write_annotations, write_parquet)
+from tests.test_gate import (ROOT, SPEC, annotation_frame, item_stats_frame,
+                             user_stats_frame, with_errors, write_annotations, write_parquet)
+from udfs.schema import AnnotationSchema
 
 FEAST = Path(sys.executable).with_name("feast")
 WINDOW = ["2023-06-01T00:00:00", "2024-06-01T00:00:00"]  # the synthetic rows are from 2024-01-01
@@ -78,6 +79,9 @@ def repo(tmp_path_factory):
         "--reference-dir", str(repo / "data" / "gate" / "reference")]) == 0
     done = feast(repo, "materialize", *WINDOW)
     assert done.returncode == 0, done.stderr
+    # nothing a user cannot act on: ibis' DuckDB deprecation, GE's per-check INFO line
+    assert "fetch_arrow_table" not in done.stderr and "Traceback" not in done.stderr
+    assert "Created temporary directory" not in done.stderr
     return repo, good
 
 
@@ -173,3 +177,56 @@ def test_missing_table_is_one_clear_error(tmp_path):
     served = store.get_online_features(features=["item_annotations:vibe_label"],
                                        entity_rows=[{"item_id": 1}]).to_dict()
     assert served["vibe_label"] == [None]  # nothing was written
+
+
+def test_missing_column_and_empty_table_are_refused_with_one_line_each(repo):
+    """Before Feast reads them: a table lacking a declared column (DuckDB would fail with an
+    ibis traceback) and an empty one; both views are named in one refusal, exit 1."""
+    repo, good = repo
+    write_tables(repo, good, user_stats=user_stats_frame().head(0))
+    directory = repo / "data" / "item_annotations" / AnnotationSchema(SPEC).fingerprint
+    [run] = directory.glob("run-*.parquet")
+    pd.read_parquet(run).drop(columns=["audience_confidence"]).to_parquet(run, index=False)
+    db = repo / "data" / "online_store.db"
+    before = sha256(db)
+
+    proc = feast(repo, "materialize", *WINDOW)
+
+    assert proc.returncode == 1 and sha256(db) == before
+    assert "Traceback" not in proc.stderr and "Binder Error" not in proc.stderr
+    assert ("  FAIL expect_table_columns_to_include: the table lacks ['audience_confidence'], "
+            "which the spec declares; was it written with this spec?\n") in proc.stderr
+    assert ("  FAIL expect_table_row_count_to_be_between: the table has no rows: nothing to "
+            "validate or materialize\n") in proc.stderr
+    for view in ("item_annotations", "user_stats"):
+        report = json.loads((repo / "data" / "gate" / "reports" / f"{view}.json").read_text())
+        assert report["success"] is False and len(report["failures"]) == 1
+
+
+def test_empty_window_passes_and_a_spec_change_needs_apply(repo):
+    """In-process, same engine: nothing new since the last run is no failure; a gate whose
+    spec differs from the one the view was applied with refuses before reading anything."""
+    from datetime import datetime, timezone
+
+    from expectations.feast_engine import SpecMismatch
+
+    repo, good = repo
+    write_tables(repo, good)
+    store = FeatureStore(repo_path=str(repo))
+    window = [datetime(2024, 6, 2, tzinfo=timezone.utc), datetime(2024, 6, 3, tzinfo=timezone.utc)]
+    store.materialize(*window)  # the tables' rows are all from 2024-01-01
+    report = json.loads((repo / "data" / "gate" / "reports" / "item_annotations.json").read_text())
+    assert report["success"] and report["rows"] == 0
+    assert any("no rows in the window" in n for n in report["notes"])
+
+    spec = repo.parent / "specs" / "movielens.yaml"
+    original = spec.read_text()
+    spec.write_text(original.replace("grim, violent", "grim, violent, gory", 1))
+    try:
+        from udfs.spec import load_spec
+        applied = store.get_feature_view("item_annotations").tags["spec_version"]
+        assert load_spec(spec).version != applied
+        with pytest.raises(SpecMismatch, match="run `feast apply` after changing the spec"):
+            store.materialize(*window)
+    finally:
+        spec.write_text(original)

@@ -1,13 +1,19 @@
-"""The gate in front of a Redis online store: a real redis-server, the real Feast CLI.
+"""The gate on the local engine in front of a Redis online store: a real redis-server.
 
-The repo copy keeps the FILE offline store and swaps the online store for Redis on the
-fixture's port (the production file also swaps the offline store for Spark).
+The repo copy keeps the embedded config (DuckDB offline store, Feast's local engine behind
+the gate) and swaps the online store for Redis on the fixture's port. The production
+config (Spark offline store, Feast's Spark engine, Redis) is tests/test_production.py,
+which also runs the refusal through the CLI; here it runs in-process, on the same engine.
 """
 from __future__ import annotations
 
+from datetime import datetime, timezone
+
 import pytest
 import yaml
+from feast import FeatureStore
 
+from expectations.feast_engine import GateRefused
 from tests.redis_server import redis_server  # noqa: F401  (the session fixture)
 from tests.test_feast_gate import WINDOW, feast, make_repo, online, write_tables
 from tests.test_gate import annotation_frame, item_stats_frame
@@ -56,10 +62,11 @@ def test_refused_materialize_leaves_redis_unchanged(redis_repo, redis_server):  
     write_tables(repo, bad)
     before = snapshot(client)
 
-    proc = feast(repo, "materialize", *WINDOW)
+    with pytest.raises(GateRefused) as refused:
+        FeatureStore(repo_path=str(repo)).materialize(
+            *(datetime.fromisoformat(t).replace(tzinfo=timezone.utc) for t in WINDOW))
 
-    assert proc.returncode != 0
-    assert "expect_column_values_to_be_in_set(audience_label)" in proc.stderr
+    assert "expect_column_values_to_be_in_set(audience_label)" in refused.value.message
     assert snapshot(client) == before and before
     served = online(repo, [1, 2], ["item_annotations:audience_label"])
     assert served["audience_label"] == good.set_index("item_id").loc[[1, 2],
