@@ -215,7 +215,14 @@ def run_child(repo: Path, config: str, env: dict, timeout: float) -> dict | None
         return None
     lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
     if proc.returncode or not lines:
-        sys.exit(f"{config} in {repo} failed:\n{proc.stderr[-4000:]}")
+        # kept outside the work directory, which is removed at the end
+        log = Path(tempfile.gettempdir()) / f"matbench-{repo.parent.parent.name}-{repo.parent.name}-{config}.stderr"
+        log.write_text(proc.stderr)
+        errors = [x for x in proc.stderr.splitlines()
+                  if ("Error" in x or "Exception" in x) and not x.startswith(("\tat ", " "))]
+        print(f"    {config} in {repo} failed (exit {proc.returncode}); stderr in {log}:\n      "
+              + "\n      ".join(errors[:5] or proc.stderr.splitlines()[-5:]), flush=True)
+        return {"failed": True}
     for line in proc.stderr.splitlines():
         if "annofeat.gate" in line:
             print("    " + line, flush=True)
@@ -284,6 +291,9 @@ def main() -> int:
                     for gate in ("gated", "ungated"):
                         client.flushall()
                         r = run_child(repo, f"{gate}.yaml", env, args.timeout)
+                        if r is not None and r.get("failed"):
+                            results.setdefault((f"{engine} {gate}", n), None)
+                            continue
                         if r is None:
                             print(f"{n:>9,} rows  {engine} {gate:<8} did not finish in "
                                   f"{args.timeout:.0f} s: stopped  (load "
@@ -346,7 +356,7 @@ def report(results: dict, sizes: list[int], engines: list[str]) -> None:
                                                                               small))
                 if not a or not b:
                     print(f"  {engine:<5} {gate:<8} driver peak RSS {large:,} / {small:,} = n/a "
-                          "(a run did not finish)")
+                          "(a run did not finish or failed)")
                     continue
                 ratio = a["driver"] / b["driver"]
                 jvm = f", JVM {a['jvm'] / b['jvm']:.2f}" if b["jvm"] else ""
