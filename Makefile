@@ -29,12 +29,14 @@ demo: venv
 	$(PY) -m spark_jobs.demo
 
 test: venv redis
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 
-# Benchmarks print their figures and ratios (docs/PERFORMANCE.md); rank_latency needs `make demo` first.
-bench: venv
+# Benchmarks print their figures and ratios (docs/PERFORMANCE.md); rank_latency needs `make demo`
+# first; materialize_scale takes about an hour on 2 cores (200k and 2M rows into redis-server).
+bench: venv redis
 	$(PY) bench/annotate_throughput.py
 	$(PY) bench/rank_latency.py
+	$(PY) bench/materialize_scale.py
 
 clean:
 	rm -rf artifacts feature_repo/data spark-warehouse

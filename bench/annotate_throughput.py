@@ -17,13 +17,11 @@ import argparse
 import os
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -31,40 +29,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
 
+from bench.peak_rss import RssSampler  # noqa: E402
 from spark_jobs.movielens import load_items  # noqa: E402
 from udfs.spec import load_spec  # noqa: E402
 
 ENGINE = {"type": "embedding", "cache_size": 0, "batch_size": 128}
 MASTER = "local[2]"
-
-
-class RssSampler:
-    """Peak RSS per process of this process tree (driver, JVM, Python workers)."""
-
-    def __init__(self, interval: float = 0.1):
-        self.interval, self.peak, self.names = interval, {}, {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self):
-        me = psutil.Process()
-        while not self._stop.is_set():
-            for p in [me, *me.children(recursive=True)]:
-                try:
-                    rss = p.memory_info().rss
-                    self.peak[p.pid] = max(self.peak.get(p.pid, 0), rss)
-                    self.names.setdefault(p.pid, p.name())
-                except psutil.Error:
-                    pass
-            time.sleep(self.interval)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
 
 
 def timed(fn):

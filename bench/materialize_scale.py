@@ -34,7 +34,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -47,6 +46,8 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
 os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
 
+from bench.peak_rss import RssSampler  # noqa: E402
+
 MASTER = "local[2]"
 START, END = datetime(2023, 1, 1, tzinfo=timezone.utc), datetime(2025, 1, 1, tzinfo=timezone.utc)
 EVENT = datetime(2024, 1, 1, tzinfo=timezone.utc)
@@ -56,34 +57,6 @@ TARGET_TIME, TARGET_RSS = 1.25, 1.3
 
 
 # --- the measured child ----------------------------------------------------------------
-
-class RssSampler:
-    """Peak RSS of this process and of each child (the JVM, Python workers)."""
-
-    def __init__(self, interval: float = 0.1):
-        self.interval, self.peak, self.names = interval, {}, {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self):
-        me = psutil.Process()
-        while not self._stop.is_set():
-            for p in [me, *me.children(recursive=True)]:
-                try:
-                    self.peak[p.pid] = max(self.peak.get(p.pid, 0), p.memory_info().rss)
-                    self.names[p.pid] = p.name()  # the latest: spark-submit execs into java
-                except psutil.Error:
-                    pass
-            time.sleep(self.interval)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-
 
 def child(repo: str, config: str) -> None:
     """Materialize item_annotations once; print one JSON line of figures."""
@@ -216,7 +189,8 @@ def run_child(repo: Path, config: str, env: dict, timeout: float) -> dict | None
     lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
     if proc.returncode or not lines:
         # kept outside the work directory, which is removed at the end
-        log = Path(tempfile.gettempdir()) / f"matbench-{repo.parent.parent.name}-{repo.parent.name}-{config}.stderr"
+        log = Path(tempfile.gettempdir()) / (
+            f"matbench-{repo.parent.parent.name}-{repo.parent.name}-{config}.stderr")
         log.write_text(proc.stderr)
         errors = [x for x in proc.stderr.splitlines()
                   if ("Error" in x or "Exception" in x) and not x.startswith(("\tat ", " "))]

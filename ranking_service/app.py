@@ -10,7 +10,8 @@ refreshed in place by a background thread (see online.py). A request joins the c
 and user rows (`FeatureSet.assemble`) and scores all candidates in one XGBoost call.
 Ids the online store does not know get all-missing features (XGBoost routes missing values)
 and are flagged. Bad requests get 422 with the reason (where, what, and a short excerpt of
-the offending value, never the whole body); an unreadable online store gets 503.
+the offending value, never the whole body); a body over MAX_BODY_BYTES gets 413 before it
+is read whole; an unreadable online store gets 503.
 """
 from __future__ import annotations
 
@@ -40,6 +41,9 @@ Int64 = Annotated[StrictInt, Field(ge=-(2**63), le=2**63 - 1)]
 # (and at most this many problems): a 5 MB body gets a short answer, not itself back.
 EXCERPT_CHARS = 80
 MAX_ERRORS_SHOWN = 5
+# A valid request is at most ~21 kB of JSON (MAX_CANDIDATES int64 ids); 1 MiB leaves room for
+# any formatting and refuses a runaway client before its body is buffered and parsed.
+MAX_BODY_BYTES = 1 << 20
 
 
 class RankRequest(BaseModel):
@@ -104,6 +108,7 @@ def create_app(repo_path: str, model_dir: str, cache: bool = True,
         online.close()
 
     app = FastAPI(title="annofeat ranking service", lifespan=lifespan)
+    app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES)
     app.add_exception_handler(RequestValidationError, invalid_request)
     app.add_exception_handler(StarletteHTTPException, unparsable_body)
     app.state.online = online
@@ -144,7 +149,7 @@ def app_from_env() -> FastAPI:
                       refresh=os.environ.get(ENV_REFRESH, REFRESH_MODES[0]))
 
 
-# -- 422 answers ---------------------------------------------------------------------------------
+# -- 413 and 422 answers ---------------------------------------------------------------------------------
 
 async def invalid_request(_request: Request, exc: RequestValidationError) -> JSONResponse:
     """Replaces FastAPI's 422, which echoes the whole rejected input (a 5 MB body got a
@@ -171,6 +176,42 @@ async def unparsable_body(request: Request, exc: StarletteHTTPException):
     return JSONResponse({"detail": [{"loc": ["body"], "type": "json_invalid", "input": "",
                                      "msg": f"JSON decode error: {_clip(reason, 120)}"}]},
                         status_code=422)
+
+
+class BodyLimit:
+    """ASGI middleware: 413 for a request body over `limit` bytes, decided from its
+    Content-Length before any of it is read, or, for a chunked body, as soon as the bytes
+    received pass the limit (the route's body read raises; FastAPI answers with it). The
+    connection is closed after a 413: the rest of the body is never read."""
+
+    def __init__(self, app, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.limit:
+            response = JSONResponse({"detail": self.detail(f"{int(length):,} bytes declared")},
+                                    status_code=413,
+                                    headers={"connection": "close"})
+            return await response(scope, receive, send)
+        received = 0
+
+        async def limited_receive():
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.limit:
+                raise StarletteHTTPException(413, self.detail(f"more than {self.limit:,} bytes sent"),
+                                             headers={"connection": "close"})
+            return message
+
+        return await self.app(scope, limited_receive, send)
+
+    def detail(self, size: str) -> str:
+        return (f"request body too large: {size}; at most {self.limit:,} bytes are accepted "
+                f"(a request holds at most {MAX_CANDIDATES} item ids)")
 
 
 def describe_error(err: dict, body: Any) -> dict:

@@ -20,7 +20,7 @@ import yaml
 from fastapi.testclient import TestClient
 
 from ranking_service import model as ranker_model
-from ranking_service.app import MAX_CANDIDATES, create_app
+from ranking_service.app import MAX_BODY_BYTES, MAX_CANDIDATES, create_app
 from tests.service_process import start_service, stop_service
 from tests.test_train_ranker import build_repo, copy_repo
 
@@ -129,15 +129,15 @@ def test_bodies_python_json_cannot_read_get_a_422(client, body, fragment):
     assert r.status_code == 422 and fragment in r.text and len(r.content) < 500
 
 
-def test_a_422_quotes_only_an_excerpt_of_a_huge_body(client):
-    ids = list(range(700_000))  # 5.5 MB of JSON
+def test_a_422_quotes_only_an_excerpt_of_a_large_body(client):
+    ids = list(range(120_000))  # 0.8 MB of JSON, under the body limit
     r = client.post("/rank", json={"user_id": 1, "item_ids": ids})
     assert r.status_code == 422 and len(r.content) < 2_000, len(r.content)
     (problem,) = r.json()["detail"]
-    assert problem["loc"] == ["body", "item_ids"] and "700000" in problem["msg"]
-    assert problem["input"].startswith("[0, 1, 2") and problem["input"].endswith("700000 items]")
+    assert problem["loc"] == ["body", "item_ids"] and "120000" in problem["msg"]
+    assert problem["input"].startswith("[0, 1, 2") and problem["input"].endswith("120000 items]")
     # a thousand wrong ids: the first few are shown, the rest counted
-    r = client.post("/rank", json={"user_id": 1, "item_ids": [f"x{i}" * 500 for i in range(1000)]})
+    r = client.post("/rank", json={"user_id": 1, "item_ids": [f"x{i}" * 200 for i in range(1000)]})
     assert r.status_code == 422 and len(r.content) < 2_000, len(r.content)
     assert len(r.json()["detail"]) == 5 and r.json()["more_errors"] == 995
     # a repeated id is located, not just reported
@@ -337,8 +337,8 @@ def test_real_uvicorn_server(trained, candidates):
 def test_bad_bodies_keep_the_connection_and_log_no_traceback(trained, candidates):
     """Over one keep-alive connection: each bad body gets a short 422 and the next good
     request is answered on the same connection (a 500 used to drop it)."""
-    huge = json.dumps({"user_id": USER, "item_ids": list(range(650_000))})  # 5 MB
-    bad = [b for b, _, _ in NON_FINITE_BODIES] + [huge, '{"user_id": 1, "item_ids": [1, 2']
+    large = json.dumps({"user_id": USER, "item_ids": list(range(120_000))})  # 0.8 MB
+    bad = [b for b, _, _ in NON_FINITE_BODIES] + [large, '{"user_id": 1, "item_ids": [1, 2']
     good = {"user_id": USER, "item_ids": candidates, "k": 3}
     proc, url = start_service(trained["repo"], trained["model"])
     try:
@@ -352,6 +352,43 @@ def test_bad_bodies_keep_the_connection_and_log_no_traceback(trained, candidates
                 ok = http.post("/rank", json=good)
                 assert ok.status_code == 200 and ok.json() == first.json()
                 assert ok.extensions["network_stream"].get_extra_info("client_addr") == local
+    finally:
+        stderr = stop_service(proc)
+    assert "Traceback" not in stderr and "Exception" not in stderr, stderr[-3000:]
+
+
+def test_a_body_over_the_limit_is_a_413_before_it_is_read(client, trained, candidates):
+    """A 5 MB body is refused by its Content-Length, and a chunked one (no length) as soon
+    as it passes the limit, without the server buffering the rest; the answer is short
+    and says the limit; the server stays up and logs no traceback."""
+    huge = json.dumps({"user_id": USER, "item_ids": list(range(650_000))}).encode()  # 5 MB
+    assert len(huge) > MAX_BODY_BYTES
+    r = client.post("/rank", content=huge, headers={"content-type": "application/json"})
+    assert r.status_code == 413 and len(r.content) < 500 and f"{MAX_BODY_BYTES:,}" in r.text
+
+    sent = []
+
+    def chunks():  # 64 kB at a time, 80 MB if nobody stops it
+        for _ in range(1280):
+            sent.append(1)
+            yield b" " * 65_536
+
+    good = {"user_id": USER, "item_ids": candidates, "k": 3}
+    proc, url = start_service(trained["repo"], trained["model"])
+    try:
+        with httpx.Client(base_url=url, timeout=30) as http:
+            r = http.post("/rank", content=huge, headers={"content-type": "application/json"})
+            assert r.status_code == 413 and "bytes declared" in r.text, r.text
+            assert r.headers["connection"] == "close"
+        with httpx.Client(base_url=url, timeout=30) as http:
+            try:
+                r = http.post("/rank", content=chunks(), headers={"content-type": "application/json"})
+                assert r.status_code == 413 and "bytes sent" in r.text, r.text
+            except httpx.TransportError:  # the server may close before the client is done sending
+                pass
+            assert len(sent) < 1280, "the whole chunked body was sent: nothing stopped it"
+        with httpx.Client(base_url=url, timeout=30) as http:
+            assert http.post("/rank", json=good).status_code == 200
     finally:
         stderr = stop_service(proc)
     assert "Traceback" not in stderr and "Exception" not in stderr, stderr[-3000:]
