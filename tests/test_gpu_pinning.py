@@ -5,9 +5,9 @@ task's GPU addresses), and udfs.worker.get_engine is called as the UDFs call it 
 a reused worker must follow each task to its GPU, and refuse only when a live CUDA context
 (stubbed at udfs.worker.cuda_initialized, the one function that asks CUDA) is on another.
 
-On the cluster, one Master and one Worker run from the pip pyspark package; the Worker
-advertises two GPUs through a discovery script (no real GPU is needed: Spark only schedules
-the addresses). The driver runs in its own process (this module run with -m), because a test
+On the cluster (tests/spark_cluster.py), one Master and one Worker run from the pip pyspark
+package; the Worker advertises two GPUs through a discovery script (no real GPU is needed:
+Spark only schedules the addresses). The driver runs in its own process (this module run with -m), because a test
 session's local SparkContext would otherwise be reused. An application with one core and one
 GPU per executor gets two executors, and a pandas UDF on each calls udfs.worker.pin_gpu().
 (An executor owning both GPUs does hand one reused worker tasks on either GPU, but Spark's
@@ -17,17 +17,15 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import httpx
 import pandas as pd
 import pytest
 
+from tests.spark_cluster import cluster, wait_for  # noqa: F401 - cluster: a fixture
 from udfs import worker
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,85 +97,6 @@ def test_cuda_initialized_asks_cuda():
     import torch
     assert worker.cuda_initialized() is torch.cuda.is_initialized() is False
     assert worker._driver_initialized() is False  # no driver loaded in this CPU process
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def spark_home() -> Path:
-    import pyspark
-    return Path(pyspark.__file__).resolve().parent
-
-
-def wait_for(what: str, check, timeout: float = 90, procs=()) -> object:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for p in procs:
-            if p.poll() is not None:
-                raise RuntimeError(f"{what}: process {p.args[1]} exited with {p.returncode}")
-        try:
-            value = check()
-            if value:
-                return value
-        except (httpx.HTTPError, ValueError):
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(f"timed out waiting for {what}")
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    """(master URL, discovery script) of a running Master + Worker; killed afterwards."""
-    tmp = tmp_path_factory.mktemp("spark_cluster")
-    script = tmp / "gpus.sh"
-    script.write_text('#!/bin/sh\necho \'{"name": "gpu", "addresses": ["0", "1"]}\'\n')
-    script.chmod(0o755)
-    props = tmp / "worker.properties"
-    props.write_text("spark.worker.resource.gpu.amount 2\n"
-                     f"spark.worker.resource.gpu.discoveryScript {script}\n")
-    home = spark_home()
-    env = {**os.environ, "SPARK_HOME": str(home), "SPARK_LOCAL_IP": "127.0.0.1",
-           "SPARK_DAEMON_MEMORY": "256m", "SPARK_LOG_DIR": str(tmp / "logs"),
-           "PYSPARK_PYTHON": sys.executable}
-    ports = {name: free_port() for name in ("master", "master_ui", "worker", "worker_ui")}
-    procs: list[subprocess.Popen] = []
-
-    def start(name: str, *args: str) -> subprocess.Popen:
-        log = open(tmp / f"{name}.log", "wb")
-        proc = subprocess.Popen([str(home / "bin" / "spark-class"), *args], env=env,
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        procs.append(proc)
-        return proc
-
-    def status() -> dict:
-        return httpx.get(f"http://127.0.0.1:{ports['master_ui']}/json/", timeout=2).json()
-
-    try:
-        master_url = f"spark://127.0.0.1:{ports['master']}"
-        start("master", "org.apache.spark.deploy.master.Master", "--host", "127.0.0.1",
-              "--port", str(ports["master"]), "--webui-port", str(ports["master_ui"]))
-        wait_for("master", lambda: status().get("status") == "ALIVE", procs=procs)
-        start("worker", "org.apache.spark.deploy.worker.Worker", master_url,
-              "--host", "127.0.0.1", "--port", str(ports["worker"]),
-              "--webui-port", str(ports["worker_ui"]), "--cores", "2", "--memory", "2g",
-              "--work-dir", str(tmp / "work"), "--properties-file", str(props))
-        wait_for("worker", lambda: status().get("aliveworkers") == 1, procs=procs)
-        yield master_url, script
-    finally:
-        for proc in procs:  # executors and Python workers are in the Worker's group
-            try:
-                os.killpg(proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        for proc in procs:
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
 
 
 def test_each_executor_is_pinned_to_its_own_gpu(cluster, tmp_path):

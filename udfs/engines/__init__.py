@@ -2,12 +2,15 @@
 
     {"type": "embedding"}                                   # the embedded default
     {"type": "transformers", "model": "/path/to/hf-dir"}
+    {"type": "transformers", "model": "smollm2-135m-instruct"}   # a packaged model, by name
     {"type": "vllm", "model": "/path/or/name", "gpu_memory_utilization": 0.9}
     {"type": "openai", "base_url": "http://host:8000/v1", "model": "name"}
     {"type": "student", "path": "/path/to/student"}          # distilled from a teacher engine
 
-Backends are imported lazily so a worker only imports the libraries its engine needs. A type
-of the form "package.module:ClassName" loads a custom Engine subclass (a plugin).
+A model option takes a path or a packaged model's name (udfs.engines.models, the one place
+that knows where model files live). Backends are imported lazily so a worker only imports the
+libraries its engine needs. A type of the form "package.module:ClassName" loads a custom
+Engine subclass (a plugin).
 """
 from __future__ import annotations
 
@@ -35,6 +38,9 @@ class EngineConfigError(ValueError):
 
 # Engines that load a local model directory: the driver checks it exists before any task runs.
 _LOCAL_MODEL_KEY = {"embedding": "model_path", "transformers": "model", "student": "path"}
+# Model options that may name a packaged model (udfs.engines.models): build_engine resolves
+# them (converting on first use, in the worker); check_config only checks the name.
+_MODEL_NAME_KEY = {"embedding": "model_path", "transformers": "model", "vllm": "model"}
 
 
 def _engine_path(kind) -> str:
@@ -61,9 +67,17 @@ def check_config(config: dict | None) -> None:
     config = config or DEFAULT_ENGINE
     kind = config.get("type")
     if kind in _BACKENDS:  # built-ins import heavy libraries: leave that to the workers
-        key = _LOCAL_MODEL_KEY.get(kind)
-        if key and config.get(key) is not None and not os.path.exists(config[key]):
-            raise EngineConfigError(f"engine {kind!r}: model path not found: {config[key]}")
+        key = _LOCAL_MODEL_KEY.get(kind) or _MODEL_NAME_KEY.get(kind)
+        value = config.get(key) if key else None
+        if value is not None and not os.path.exists(value):
+            from udfs.engines import models
+            if key == _MODEL_NAME_KEY.get(kind) and models.is_known(value):
+                models.check(value)  # the package is installed; converting is the worker's
+            elif kind in _LOCAL_MODEL_KEY:
+                hint = (f" (packaged models: {', '.join(sorted(models.MODELS))})"
+                        if key == _MODEL_NAME_KEY.get(kind) else "")
+                raise EngineConfigError(
+                    f"engine {kind!r}: model path not found: {value}{hint}")
     else:
         _load(kind)
 
@@ -91,6 +105,11 @@ def build_engine(config: dict | None) -> Engine:
     config = dict(config or DEFAULT_ENGINE)
     kind = config.pop("type", None)
     engine_cls = _load(kind)
+    key = _MODEL_NAME_KEY.get(kind)
+    if key and isinstance(config.get(key), str):
+        from udfs.engines import models
+        if models.is_known(config[key]) and not os.path.exists(config[key]):
+            config[key] = models.resolve(config[key])
     try:
         return engine_cls(**config)
     except TypeError as exc:

@@ -26,7 +26,8 @@ __all__ = ["TransformersEngine", "label_probabilities"]
 class TransformersEngine(Engine):
     def __init__(self, model: str, device: str = "cpu", batch_size: int = 16,
                  max_prompt_tokens: int = 512, dtype: str = "auto", threads: int | None = None):
-        path = Path(model)
+        from udfs.engines.models import resolve
+        path = Path(resolve(model))  # a path as is; a packaged model's name -> its directory
         if not path.is_dir():
             raise FileNotFoundError(f"transformers model directory not found: {path}")
         os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -1,22 +1,39 @@
 """An OpenAI-compatible completions server (e.g. `vllm serve`), spoken to with httpx.
 
-Each request is one POST {base_url}/completions; up to `concurrency` are in flight at once.
-Connection errors, timeouts, 429 and 5xx are retried with exponential backoff
-(backoff * 2**attempt); other 4xx, unparseable replies and replies without what was asked
-for fail that text at once. A batch raises when any text failed, and `udfs.annotator`
-bisects it down to the failing rows; replies already received are kept in a small cache, so
-the bisection does not ask the server again for the rows that succeeded.
+Requests go to {base_url}/completions (and, for label scoring, the server's /tokenize); up
+to `concurrency` are in flight at once. Connection errors, timeouts, 429 and 5xx are retried
+with exponential backoff (backoff * 2**attempt); other 4xx, unparseable replies and replies
+without what was asked for fail that text at once. A batch raises when any text failed, and
+`udfs.annotator` bisects it down to the failing rows; every text's result is kept in a small
+per-worker cache as soon as it is complete, so the bisection does not ask the server again
+for the texts that succeeded.
 
 classify scores labels the way the other generative engines do (udfs.engines.prompts), by
-token id: one request per (text, label) sends prompt + " " + label with vLLM's
-`prompt_logprobs: 0` and `return_token_ids: true` extensions, so the server tokenises the
-label in context with the model's own tokenizer and returns the log-probability of every
-prompt token, keyed by id. A label's score is the sum over the positions after the prefix
-all labels share; a softmax over the labels gives the confidence. No token string is ever
-matched, and a missing log-probability fails the row (never a renormalised 1.0).
+token id, in one of two request shapes (`scoring`):
+
+- "nodes" (the default; vLLM >= 0.20's server): the way the in-process vllm engine scores.
+  The prompt and prompt + " " + label are tokenised by the server's own tokenizer
+  (POST /tokenize, special tokens added as for a prompt); the labels' continuations form a
+  trie (`label_continuations`, `label_nodes`), and every node is one completion with the
+  node's token ids as the prompt, `max_tokens: 1`, `temperature: 0` and vLLM's
+  `logprob_token_ids` set to the node's children (with `return_tokens_as_token_ids`, so the
+  reply's top_logprobs are keyed "token_id:<id>", never by decoded string). The root (the
+  prompt itself) goes first; the deeper nodes follow once it has been answered, so they find
+  the prompt's KV blocks in vLLM's prefix cache. vLLM reads these log-probabilities from the
+  raw logits (vllm/v1/sample/sampler.py, gather_specific_token_logprobs; the server's default
+  --logprobs-mode raw_logprobs).
+- "prompt_logprobs" (any server with vLLM's `prompt_logprobs` + `return_token_ids`
+  extensions): one completion per (text, label) with prompt + " " + label as text; the server
+  returns the log-probability of every prompt token keyed by id, and a label's score is the
+  sum past the prefix all labels share. vLLM does not read its prefix cache for such requests
+  (vllm/sampling_params.py, skip_reading_prefix_cache), so each costs a whole prompt.
+
+A softmax over the labels gives the confidence. No token string is ever matched, and a
+missing log-probability fails the row (never a renormalised 1.0).
 """
 from __future__ import annotations
 
+import math
 import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor, wait
@@ -27,9 +44,14 @@ import httpx
 import numpy as np
 
 from udfs.engines.base import Engine, Labels
-from udfs.engines.prompts import (MalformedOutput, caption_request, continuation_logliks,
-                                  label_probabilities)
+from udfs.engines.prompts import (MalformedOutput, Node, caption_request, continuation_logliks,
+                                  label_continuations, label_nodes, label_probabilities)
 from udfs.spec import Attribute, Caption
+
+SCORING = ("nodes", "prompt_logprobs")
+#: how vLLM writes -inf into JSON (vllm/entrypoints/openai/completion/serving.py)
+CLAMPED_LOGPROB = -9999.0
+TOKEN_ID_PREFIX = "token_id:"  # vLLM's return_tokens_as_token_ids form
 
 
 class RequestFailed(RuntimeError):
@@ -46,6 +68,8 @@ def _first_choice(reply: object) -> dict:
         raise MalformedOutput(f"unexpected completion reply ({exc!r}): {str(reply)[:200]}") \
             from None
 
+
+# -- "prompt_logprobs" scoring ----------------------------------------------------------------
 
 def score_request(prompt: str, label: str) -> dict:
     """Body (less the model) asking for the log-probability of every token of the prompt
@@ -90,14 +114,92 @@ def parse_prompt_logprobs(reply: object) -> list[tuple[int | None, float | None]
     return out
 
 
+# -- "nodes" scoring ---------------------------------------------------------------------------
+
+def tokenize_request(text: str) -> dict:
+    """Body (less the model) of POST /tokenize: the model's ids for `text` as a prompt."""
+    return {"prompt": text, "add_special_tokens": True}
+
+
+def parse_tokenize(reply: object) -> list[int]:
+    """The token ids of a vLLM /tokenize reply ({"count", "max_model_len", "tokens"})."""
+    try:
+        tokens = reply["tokens"]  # type: ignore[index]
+        if not isinstance(tokens, list) or not all(
+                isinstance(t, int) and not isinstance(t, bool) for t in tokens):
+            raise TypeError("tokens is not a list of ints")
+        return tokens
+    except (KeyError, TypeError) as exc:
+        raise MalformedOutput(f"unexpected /tokenize reply ({exc!r}): {str(reply)[:200]}") \
+            from None
+
+
+def node_request(prefix: Sequence[int], children: Sequence[int]) -> dict:
+    """Body (less the model) asking for the log-probabilities of `children` after the token
+    ids `prefix`: vLLM's logprob_token_ids (which needs `logprobs` set; the server then
+    returns exactly those ids besides the generated one), keyed by id in the reply."""
+    return {"prompt": [int(t) for t in prefix], "max_tokens": 1, "temperature": 0.0,
+            "logprobs": len(children), "logprob_token_ids": [int(t) for t in children],
+            "return_tokens_as_token_ids": True}
+
+
+def parse_node_logprobs(reply: object, children: Sequence[int]) -> dict[int, float]:
+    """{child id: log-probability} from the reply to node_request(prefix, children).
+
+    vLLM's completion logprobs: top_logprobs[0] is {"token_id:<id>": logprob} for the
+    generated token and every id of logprob_token_ids (return_tokens_as_token_ids), with -inf
+    written as -9999.0. Keys in any other form (decoded strings: a server that ignored
+    return_tokens_as_token_ids) or a missing or infinite child fail the row.
+    """
+    choice = _first_choice(reply)
+    logprobs = choice.get("logprobs")
+    top = logprobs.get("top_logprobs") if isinstance(logprobs, dict) else None
+    if not isinstance(top, list) or not top or not isinstance(top[0], dict):
+        raise MalformedOutput("reply has no logprobs; the server must support vLLM's "
+                              "`logprob_token_ids` (vLLM >= 0.20), or use scoring: "
+                              f"prompt_logprobs: {str(choice)[:200]}")
+    position = top[0]
+    by_id: dict[int, float] = {}
+    for key, value in position.items():
+        if not (isinstance(key, str) and key.startswith(TOKEN_ID_PREFIX)):
+            raise MalformedOutput(f"logprobs are not keyed by token id ({key!r}); the server "
+                                  "must support return_tokens_as_token_ids")
+        try:
+            by_id[int(key[len(TOKEN_ID_PREFIX):])] = float(value)
+        except (TypeError, ValueError):
+            raise MalformedOutput(f"bad logprob entry {key!r}: {value!r}") from None
+    out = {}
+    for token in children:
+        lp = by_id.get(int(token))
+        if lp is None or not math.isfinite(lp) or lp <= CLAMPED_LOGPROB:
+            raise MalformedOutput(f"no finite logprob for token {token} in "
+                                  f"{str(position)[:200]}; the server must support "
+                                  "logprob_token_ids with --logprobs-mode raw_logprobs")
+        out[int(token)] = lp
+    return out
+
+
+def default_tokenize_url(base_url: str) -> str:
+    """vLLM serves /tokenize at the server root, beside /v1."""
+    root = base_url.rstrip("/")
+    if root.endswith("/v1"):
+        root = root[:-3]
+    return root + "/tokenize"
+
+
 class OpenAIEngine(Engine):
     def __init__(self, base_url: str, model: str, api_key: str | None = None,
                  concurrency: int = 8, timeout: float = 30, max_retries: int = 3,
-                 backoff: float = 0.5, top_logprobs: int = 20, cache_size: int = 10_000):
+                 backoff: float = 0.5, top_logprobs: int = 20, cache_size: int = 10_000,
+                 scoring: str = "nodes", tokenize_url: str | None = None):
         if concurrency < 1 or max_retries < 0:
             raise ValueError("concurrency must be at least 1 and max_retries at least 0")
+        if scoring not in SCORING:
+            raise ValueError(f"scoring must be one of {SCORING}, not {scoring!r}")
         self.url = base_url.rstrip("/") + "/completions"
+        self.tokenize_url = tokenize_url or default_tokenize_url(base_url)
         self.model = model
+        self.scoring = scoring
         self.max_retries = max_retries
         self.backoff = backoff
         self.top_logprobs = top_logprobs  # accepted for older configs; scoring reads ids
@@ -112,13 +214,14 @@ class OpenAIEngine(Engine):
         self._cache: OrderedDict[Hashable, object] = OrderedDict()
         self._cache_size = cache_size
 
-    def _post(self, body: dict) -> object:
-        """One completion, retried on transient failures; the parsed JSON reply."""
+    def _post(self, body: dict, url: str | None = None) -> object:
+        """One request, retried on transient failures; the parsed JSON reply."""
+        url = url or self.url
         for attempt in range(self.max_retries + 1):
             if attempt:
                 time.sleep(self.backoff * 2 ** (attempt - 1))
             try:
-                response = self._client.post(self.url, json=body)
+                response = self._client.post(url, json=body)
             except httpx.TransportError as exc:  # connection errors and timeouts
                 error = f"{type(exc).__name__}: {exc}"
                 continue
@@ -126,18 +229,19 @@ class OpenAIEngine(Engine):
                 error = f"HTTP {response.status_code}: {response.text[:200]}"
                 continue
             if response.status_code >= 400:
-                raise RequestFailed(f"HTTP {response.status_code} from {self.url}: "
+                raise RequestFailed(f"HTTP {response.status_code} from {url}: "
                                     f"{response.text[:300]}")
             try:
                 return response.json()
             except ValueError:
                 raise MalformedOutput(
                     f"server replied with invalid JSON: {response.text[:200]!r}") from None
-        raise RequestFailed(f"{self.url} failed after {self.max_retries + 1} attempts; "
+        raise RequestFailed(f"{url} failed after {self.max_retries + 1} attempts; "
                             f"last error: {error}")
 
     def _map(self, keys: Sequence[Hashable], fn: Callable[[int], object]) -> list:
-        """fn(i) for every i whose key is not cached, concurrently; raise if any failed."""
+        """fn(i) for every i whose key is not cached, concurrently; raise if any failed.
+        Results that succeeded are cached even when another one failed."""
         results: dict[Hashable, object] = {}
         todo = {}
         for i, key in enumerate(keys):
@@ -162,19 +266,44 @@ class OpenAIEngine(Engine):
             raise errors[0]
         return [results[key] for key in keys]
 
+    # one text's label log-likelihoods, in each request shape (run in the pool, one per text)
+
+    def _encode(self, text: str) -> list[int]:
+        return parse_tokenize(self._post({"model": self.model, **tokenize_request(text)},
+                                         self.tokenize_url))
+
+    def _node(self, node: Node) -> dict[int, float]:
+        prefix, children = node
+        reply = self._post({"model": self.model, **node_request(prefix, children)})
+        return parse_node_logprobs(reply, children)
+
+    def _loglik_nodes(self, prompt: str, labels: Sequence[str]) -> np.ndarray:
+        context, conts = label_continuations(self._encode, prompt, labels)
+        nodes = label_nodes(context, conts)  # the root first: the others reuse its KV blocks
+        logprob = {prefix: self._node((prefix, children)) for prefix, children in nodes}
+        context = tuple(context)
+        return np.array([sum(logprob[context + tuple(ids[:i])][t] for i, t in enumerate(ids))
+                         for ids in conts], dtype=np.float64)
+
+    def _loglik_prompt_logprobs(self, prompt: str, labels: Sequence[str]) -> np.ndarray:
+        scored = [parse_prompt_logprobs(self._post({"model": self.model,
+                                                    **score_request(prompt, label)}))
+                  for label in labels]
+        return np.array(continuation_logliks(scored), dtype=np.float64)
+
+    def label_loglik(self, texts: Sequence[str], attribute: Attribute) -> np.ndarray:
+        """Summed log-likelihood of each label after each text's prompt: [texts, labels]."""
+        one_text = (self._loglik_nodes if self.scoring == "nodes"
+                    else self._loglik_prompt_logprobs)
+
+        def one(i: int) -> np.ndarray:
+            return one_text(attribute.render(texts[i]), attribute.labels)
+
+        rows = self._map([("label", self.scoring, attribute.version, t) for t in texts], one)
+        return np.array(rows, dtype=np.float64).reshape(len(texts), len(attribute.labels))
+
     def classify(self, texts: Sequence[str], attribute: Attribute) -> Labels:
-        pairs = [(text, label) for text in texts for label in attribute.labels]
-
-        def one(i: int) -> list[tuple[int | None, float | None]]:
-            text, label = pairs[i]
-            body = {"model": self.model, **score_request(attribute.render(text), label)}
-            return parse_prompt_logprobs(self._post(body))
-
-        scored = self._map([("label", attribute.version, t, lab) for t, lab in pairs], one)
-        k = len(attribute.labels)
-        loglik = np.array([continuation_logliks(scored[i:i + k])
-                           for i in range(0, len(scored), k)]).reshape(len(texts), k)
-        probs = label_probabilities(loglik)
+        probs = label_probabilities(self.label_loglik(texts, attribute))
         best = probs.argmax(axis=1)
         return Labels(labels=[attribute.labels[i] for i in best],
                       confidences=probs[np.arange(len(best)), best].astype(float).tolist())
