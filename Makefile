@@ -46,9 +46,11 @@ test: test-venv redis
 	$(PY) -m pytest -q --durations=15 tests
 
 # Benchmarks print their figures and ratios (docs/PERFORMANCE.md); rank_latency needs `make demo`
-# first; materialize_scale takes about an hour on 2 cores (200k and 2M rows into redis-server).
-bench: venv redis
+# first; vllm_throughput runs vLLM's CPU build on the packaged SmolLM2 (about 10 minutes);
+# materialize_scale takes about an hour on 2 cores (200k and 2M rows into redis-server).
+bench: test-venv redis
 	$(PY) bench/annotate_throughput.py
+	$(PY) bench/vllm_throughput.py
 	$(PY) bench/rank_latency.py
 	$(PY) bench/materialize_scale.py
 

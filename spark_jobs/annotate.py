@@ -50,6 +50,7 @@ from udfs import register
 from udfs import schema as S
 from udfs import semantic_ids
 from udfs.engines import DEFAULT_ENGINE, EngineConfigError, check_config, parse_engine
+from udfs.functions import TokenCountsParam
 from udfs.schema import AnnotationSchema, SchemaError, id_type_of
 from udfs.semantic_fit import quantizer_for
 from udfs.semantic_ids import QuantizerError
@@ -315,6 +316,7 @@ def run(spark: SparkSession, spec: Spec, items: DataFrame, output: str,
         raise JobError(str(exc)) from None
     query = sql or default_query(text_columns)
     engine_seconds = spark.sparkContext.accumulator(0.0)
+    engine_tokens = spark.sparkContext.accumulator({}, TokenCountsParam())
     say = lambda msg: progress(f"[annotate] {msg}", flush=True)  # noqa: E731
 
     # The query's shape is checked on an empty view before any engine work.
@@ -362,7 +364,8 @@ def run(spark: SparkSession, spec: Spec, items: DataFrame, output: str,
                 say(f"pass {i + 1}/{len(groups)} ({tier}): {', '.join(parts)} for "
                     f"{'up to ' if routing else ''}{n} rows")
                 annotated = _query(spark, spec, frame, query, cfg, fail_on_error,
-                                   engine_seconds, table, parts, quantizer, embedder)
+                                   engine_seconds, table, parts, quantizer, embedder,
+                                   engine_tokens)
                 out = table_rows(annotated, rows, table, parts, tier, run_ts)
                 path = f"{store.staging(run_id)}/pass-{len(staged)}"
                 t0 = time.time()
@@ -405,7 +408,8 @@ def run(spark: SparkSession, spec: Spec, items: DataFrame, output: str,
         "rows_in": rows_in, "rows_annotated": stats["n"], "rows_reused": rows_in - n_todo,
         "rows_not_written": n_todo - stats["n"], "rows_written": stats["n"],
         "rows_with_errors": stats["errors"], "rows_by_tail_engine": stats["tail"],
-        "parts": {p: {"annotated": sum(why.values()), "reasons": why}
+        "parts": {p: {"annotated": sum(why.values()), "reasons": why,
+                      **engine_tokens.value.get(p, {})}
                   for p, why in by_part.items()},
         "event_timestamp": (f"column {timestamp_column!r} for new items (run time where null), "
                             "run time for re-annotations" if timestamp_column
@@ -437,11 +441,12 @@ def code_usage(spark, store: FeatureTable, table: AnnotationSchema, quantizer) -
 
 def _query(spark, spec, frame, query, engine, fail_on_error, engine_seconds,
            table: AnnotationSchema, parts: list[str], quantizer=None,
-           embedder: dict | None = None) -> DataFrame:
+           embedder: dict | None = None, engine_tokens=None) -> DataFrame:
     """Run the query over `frame` as the view `items` with the SQL functions bound to the
     spec's `parts`; returns the id column and the parts' columns in table form."""
     register(spark, spec.restricted(parts), engine=engine, fail_on_error=fail_on_error,
-             engine_seconds=engine_seconds, quantizer=quantizer, embed_engine=embedder)
+             engine_seconds=engine_seconds, quantizer=quantizer, embed_engine=embedder,
+             engine_tokens=engine_tokens)
     frame.createOrReplaceTempView("items")
     try:
         result = spark.sql(query)

@@ -52,3 +52,4 @@ def items_small():
 
 from tests.redis_server import redis_server  # noqa: E402,F401  (session fixture)
 from tests.tiny_llm import tiny_llm_dir  # noqa: E402,F401  (session fixture)
+from tests.packaged_models import model_cache, smollm2_dir  # noqa: E402,F401  (session fixtures)

@@ -128,13 +128,22 @@ def test_one_request_per_trie_node_roots_first(engines, spec, monkeypatch):
 
     monkeypatch.setattr(engine.llm, "generate", spy)
     attribute = spec.attributes["vibe"]
+    engine.llm.reset_prefix_cache()
+    before = engine.usage().get("vibe", {})
     engine.classify(TEXTS[:2], attribute)
+    counts = {k: n - before.get(k, 0) for k, n in engine.usage()["vibe"].items()}
     encode = engine.tokenizer.encode
     expected = [label_nodes(*label_continuations(encode, attribute.render(t), attribute.labels))
                 for t in TEXTS[:2]]
     assert len(calls) == 2
     assert calls[0] == [nodes[0] for nodes in expected]
     assert sorted(calls[1]) == sorted(n for nodes in expected for n in nodes[1:])
+    # the token counts the job reports: every prompt sent, one token generated per node, and
+    # the deeper nodes read the prompts' full KV blocks from the prefix cache
+    asked = calls[0] + calls[1]
+    assert counts["prompt_tokens"] == sum(len(prefix) for prefix, _ in asked)
+    assert counts["generated_tokens"] == len(asked)
+    assert counts["cached_tokens"] >= 32 * len(calls[1])
 
 
 def test_logprobs_must_stay_raw(models):

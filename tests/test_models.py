@@ -30,7 +30,6 @@ ROOT = Path(__file__).resolve().parents[1]
 TEXTS = [
     "Toy Story (1995). Genres: Adventure, Animation, Children, Comedy, Fantasy",
     "The Exorcist (1973). Genres: Horror, Mystery",
-    "Casablanca (1942). Genres: Drama, Romance, War",
 ]
 
 
@@ -148,6 +147,13 @@ def test_minilm_resolves_in_place(fresh_cache, embedding_engine):
     assert not fresh_cache.exists()  # shipped as a directory: nothing is copied
     engine = build_engine({"type": "embedding", "model_path": "all-minilm-l6-v2"})
     assert engine.model_name == embedding_engine.model_name
+
+
+def test_describe_lists_every_packaged_model(fresh_cache):
+    rows = {row["name"]: row for row in models.describe()}
+    assert set(rows) == set(models.MODELS)
+    assert rows[SMOLLM2]["path"] == str(fresh_cache / SMOLLM2)
+    assert rows[SMOLLM2]["licence"] == "Apache-2.0" and "missing" not in rows[SMOLLM2]
 
 
 def test_paths_are_returned_as_is(tmp_path):

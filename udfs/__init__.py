@@ -20,13 +20,15 @@ from udfs.spec import Spec, SpecError, load_spec
 
 def register(spark, spec: Spec | str, engine: dict | None = None, fail_on_error: bool = False,
              prefix: str = "", engine_seconds=None, quantizer=None,
-             embed_engine: dict | None = None):
+             embed_engine: dict | None = None, engine_tokens=None):
     """Register annotate(), caption(), semantic_id() and annotate_all() as SQL functions on
     this session.
 
     `engine` is a plain config dict (see udfs.engines); the engine itself is built lazily,
     once per Python worker. `engine_seconds`, an optional float accumulator
-    (spark.sparkContext.accumulator(0.0)), adds up the time the functions spend annotating.
+    (spark.sparkContext.accumulator(0.0)), adds up the time the functions spend annotating;
+    `engine_tokens` (spark.sparkContext.accumulator({}, udfs.functions.TokenCountsParam()))
+    the prompt, cached and generated tokens generative engines count, per part.
     `quantizer` (a udfs.semantic_ids.Quantizer or the directory one was saved in) is what
     semantic_id() and annotate_all() assign codes with when the spec has a semantic_id
     section; without it their semantic-ID fields are row errors saying so. `embed_engine`
@@ -42,12 +44,12 @@ def register(spark, spec: Spec | str, engine: dict | None = None, fail_on_error:
     if isinstance(quantizer, str):
         from udfs.semantic_ids import load
         quantizer = load(quantizer)
-    annotate = make_annotate_udf(spec, engine, fail_on_error, engine_seconds)
-    caption = make_caption_udf(spec, engine, fail_on_error, engine_seconds)
+    annotate = make_annotate_udf(spec, engine, fail_on_error, engine_seconds, engine_tokens)
+    caption = make_caption_udf(spec, engine, fail_on_error, engine_seconds, engine_tokens)
     semantic_id = make_semantic_id_udf(spec, engine, fail_on_error, engine_seconds, quantizer,
                                        embed_engine)
     annotate_all = make_annotate_all_udf(spec, engine, fail_on_error, engine_seconds, quantizer,
-                                         embed_engine)
+                                         embed_engine, engine_tokens)
     spark.udf.register(prefix + "annotate", annotate)
     spark.udf.register(prefix + "caption", caption)
     spark.udf.register(prefix + "semantic_id", semantic_id)

@@ -32,6 +32,7 @@ import time
 from typing import Iterator, Tuple
 
 import pandas as pd
+from pyspark.accumulators import AccumulatorParam
 from pyspark.sql.functions import pandas_udf
 
 from udfs import annotator, schema, tokens, worker
@@ -171,17 +172,41 @@ def _columns(batch) -> tuple[pd.Series, ...]:
     return (batch,) if isinstance(batch, pd.Series) else tuple(batch)
 
 
+def add_counts(total: dict, more: dict, less: dict | None = None) -> dict:
+    """total += more - less, for {part: {count: n}} (engine token counts)."""
+    for part, counts in more.items():
+        into = total.setdefault(part, {})
+        for key, n in counts.items():
+            into[key] = into.get(key, 0) + n - ((less or {}).get(part) or {}).get(key, 0)
+    return total
+
+
+class TokenCountsParam(AccumulatorParam):
+    """An accumulator of engine token counts per part ({part: {count: n}})."""
+
+    def zero(self, value):
+        return {}
+
+    def addInPlace(self, value1, value2):
+        return add_counts(value1, value2)
+
+
 def _batch_udf(name: str, return_type: str, frame, engine_config: dict | None,
-               fail_on_error: bool, engine_seconds, slot: str = worker.MAIN):
+               fail_on_error: bool, engine_seconds, slot: str = worker.MAIN,
+               engine_tokens=None):
     """An iterator pandas UDF: this worker's engine once per task, then `frame(engine, cols)`
-    per Arrow batch. `engine_seconds`, an optional accumulator, adds up time spent in frame."""
+    per Arrow batch. `engine_seconds`, an optional accumulator, adds up time spent in frame;
+    `engine_tokens` (TokenCountsParam) the tokens the engine counted there, per part."""
     def run(batches: Iterator[Tuple[pd.Series, ...]]) -> Iterator[pd.DataFrame]:
         engine = worker.get_engine(engine_config, slot)
         for batch in batches:
             started = time.perf_counter()
+            before = engine.usage() if engine_tokens is not None else None
             out = frame(engine, _columns(batch))
             if engine_seconds is not None:
                 engine_seconds.add(time.perf_counter() - started)
+            if engine_tokens is not None:
+                engine_tokens.add(add_counts({}, engine.usage(), before))
             _check(out["error"], name, fail_on_error)
             yield out
     run.__name__ = name
@@ -189,32 +214,33 @@ def _batch_udf(name: str, return_type: str, frame, engine_config: dict | None,
 
 
 def make_annotate_all_udf(spec: Spec, engine_config: dict | None, fail_on_error: bool = False,
-                          engine_seconds=None, quantizer=None, embed_config: dict | None = None):
+                          engine_seconds=None, quantizer=None, embed_config: dict | None = None,
+                          engine_tokens=None):
     def frame(engine, cols):
         embedder = (worker.get_engine(embed_config, worker.EMBED)
                     if embed_config is not None and spec.semantic_id is not None else engine)
         return annotate_all_frame(engine, spec, annotator.clean_columns(cols), quantizer,
                                   embedder)
     return _batch_udf("annotate_all", all_type(spec), frame, engine_config, fail_on_error,
-                      engine_seconds)
+                      engine_seconds, engine_tokens=engine_tokens)
 
 
 def make_annotate_udf(spec: Spec, engine_config: dict | None, fail_on_error: bool = False,
-                      engine_seconds=None):
+                      engine_seconds=None, engine_tokens=None):
     def frame(engine, cols):
         if len(cols) < 2:
             raise TypeError("annotate() takes the attribute name and at least one text column")
         return annotate_frame(engine, spec, cols[0], annotator.clean_columns(cols[1:]))
     return _batch_udf("annotate", ANNOTATE_TYPE, frame, engine_config, fail_on_error,
-                      engine_seconds)
+                      engine_seconds, engine_tokens=engine_tokens)
 
 
 def make_caption_udf(spec: Spec, engine_config: dict | None, fail_on_error: bool = False,
-                     engine_seconds=None):
+                     engine_seconds=None, engine_tokens=None):
     return _batch_udf(
         "caption", CAPTION_TYPE,
         lambda engine, cols: caption_frame(engine, spec, annotator.clean_columns(cols)),
-        engine_config, fail_on_error, engine_seconds)
+        engine_config, fail_on_error, engine_seconds, engine_tokens=engine_tokens)
 
 
 def make_semantic_id_udf(spec: Spec, engine_config: dict | None, fail_on_error: bool = False,

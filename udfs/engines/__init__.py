@@ -75,7 +75,8 @@ def check_config(config: dict | None) -> None:
                 models.check(value)  # the package is installed; converting is the worker's
             elif kind in _LOCAL_MODEL_KEY:
                 hint = (f" (packaged models: {', '.join(sorted(models.MODELS))})"
-                        if key == _MODEL_NAME_KEY.get(kind) else "")
+                        if key == _MODEL_NAME_KEY.get(kind) and isinstance(value, str)
+                        and models._looks_like_name(value) else "")
                 raise EngineConfigError(
                     f"engine {kind!r}: model path not found: {value}{hint}")
     else:

@@ -70,9 +70,28 @@ class EmbeddingUnsupported(NotImplementedError):
     """The engine has no `embed`: semantic IDs need an engine that can embed."""
 
 
+#: what a generative engine counts per part: tokens it sent, of those the ones its server or
+#: prefix cache did not recompute, and tokens it generated
+TOKEN_COUNTS = ("prompt_tokens", "cached_tokens", "generated_tokens")
+
+
 class Engine(ABC):
     #: identifies the model in the provenance columns (e.g. "embedding:all-MiniLM-L6-v2")
     model_name: str = "engine"
+
+    def count_tokens(self, part: str, prompt: int = 0, cached: int = 0,
+                     generated: int = 0) -> None:
+        """Add to this engine's token counts for `part` (an attribute's name or "caption")."""
+        usage = self.__dict__.setdefault("_usage", {})
+        counts = usage.setdefault(part, dict.fromkeys(TOKEN_COUNTS, 0))
+        counts["prompt_tokens"] += int(prompt)
+        counts["cached_tokens"] += int(cached)
+        counts["generated_tokens"] += int(generated)
+
+    def usage(self) -> dict[str, dict[str, int]]:
+        """Token counts per part since the engine was built (empty for engines that do not
+        count tokens, such as the embedding engine)."""
+        return {part: dict(c) for part, c in self.__dict__.get("_usage", {}).items()}
 
     @property
     def embedding_model(self) -> str:

@@ -71,6 +71,7 @@ class TransformersEngine(Engine):
                 lambda s: self.tokenizer(s).input_ids, attribute.render(text), attribute.labels)
             context = truncate_left(context, self.max_prompt_tokens, self.tokenizer.bos_token_id)
             rows.extend((context + ids, len(ids)) for ids in continuations)
+        self.count_tokens(attribute.name, prompt=sum(len(r) for r, _ in rows))
         scores = []
         for start in range(0, len(rows), self.batch_size):
             chunk = rows[start:start + self.batch_size]
@@ -106,6 +107,8 @@ class TransformersEngine(Engine):
                     input_ids=ids, attention_mask=mask, max_new_tokens=caption.max_tokens,
                     do_sample=False, pad_token_id=self.tokenizer.pad_token_id)
             new = generated[:, ids.shape[1]:]
+            self.count_tokens("caption", prompt=int(mask.sum()),
+                              generated=int((new != self.tokenizer.pad_token_id).sum()))
             out.extend(s.strip() for s in
                        self.tokenizer.batch_decode(new, skip_special_tokens=True))
         return out

@@ -129,12 +129,6 @@ def _looks_like_name(value: str) -> bool:
                 or value.startswith((".", "~")))
 
 
-def _lookup(name: str) -> PackagedModel:
-    if name not in MODELS:
-        raise _unknown(name)
-    return MODELS[name]
-
-
 # --- the source: the installed distribution's files, never imported -------------------------
 
 @dataclass(frozen=True)
@@ -202,8 +196,13 @@ def _problem(target: Path, model: PackagedModel, source: _Source) -> str | None:
         return f"unreadable manifest ({exc})"
     if manifest.get("name") != model.name or manifest.get("recipe") != RECIPE:
         return "made by another version of the conversion"
-    if source.sha256 and manifest.get("source", {}).get("sha256") != source.sha256:
-        return "made from another source file (the package was upgraded or reinstalled)"
+    made_from = manifest.get("source") or {}
+    if source.sha256:
+        if made_from.get("sha256") != source.sha256:
+            return "made from another source file (the package was upgraded or changed)"
+    elif (made_from.get("version"), made_from.get("size")) != (
+            source.version, source.path.stat().st_size):  # no RECORD hash to compare
+        return "made from another version of the package"
     files = manifest.get("files") or {}
     if "config.json" not in files or LICENSE_FILE not in files:
         return "manifest lists no config.json or LICENSE"
@@ -276,8 +275,8 @@ def _versions() -> dict:
     return out
 
 
-def _write_copy(model: PackagedModel, source: _Source, tmp: Path) -> float:
-    """Convert into `tmp` and write LICENSE and the manifest; returns the seconds it took."""
+def _write_copy(model: PackagedModel, source: _Source, tmp: Path) -> tuple[float, dict]:
+    """Convert into `tmp`, write LICENSE and the manifest; the seconds it took, the files."""
     start = time.monotonic()
     sha = _sha256(source.path)
     if source.sha256 and sha != source.sha256:
@@ -300,14 +299,14 @@ def _write_copy(model: PackagedModel, source: _Source, tmp: Path) -> float:
         "name": model.name, "recipe": RECIPE, "licence": model.licence,
         "description": model.description,
         "source": {"distribution": model.distribution, "version": source.version,
-                   "file": model.source, "sha256": sha},
+                   "file": model.source, "size": source.path.stat().st_size, "sha256": sha},
         "converter": _versions(), "converted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ",
                                                                  time.gmtime()),
         "seconds": round(seconds, 1), "files": files,
     }
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     tmp.chmod(0o755)
-    return seconds
+    return seconds, files
 
 
 @contextlib.contextmanager
@@ -376,11 +375,14 @@ def _ensure(model: PackagedModel) -> Path:
                 shutil.rmtree(stale, ignore_errors=True)
         why = "" if problem == "no copy" else f" (replacing an unusable copy: {problem})"
         log.info("annofeat: converting packaged model %s from %s into %s%s ...",
-                    model.name, source.path.name, target, why)
+                 model.name, source.path.name, target, why)
         tmp = Path(tempfile.mkdtemp(prefix=f".{model.name}.tmp-", dir=root))
         try:
-            seconds = _write_copy(model, source, tmp)
+            seconds, files = _write_copy(model, source, tmp)
+            written = _stats(tmp, files)  # hashed while writing: no need to read them again
             _publish(tmp, target, model, source)
+            if _stats(target, files) == written:  # our copy is the one published
+                _verified[str(target)] = written
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -388,7 +390,6 @@ def _ensure(model: PackagedModel) -> Path:
                    f"{model.licence}) to a Hugging Face directory at {target} in "
                    f"{seconds:.1f} s{why}")
         log.warning(message)  # the one line a job shows (without handlers: on stderr)
-    _verified.pop(str(target), None)
     problem = _problem(target, model, source)
     if problem is not None:
         raise EngineConfigError(f"converted copy of {model.name} at {target} fails its "

@@ -43,6 +43,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from udfs.engines.base import Engine, Labels
+from udfs.engines.models import resolve
 from udfs.engines.prompts import (MalformedOutput, Node, caption_request, label_probabilities,
                                   score_labels)
 from udfs.spec import Attribute, Caption
@@ -185,6 +186,8 @@ class VLLMEngine(Engine):
             raise ValueError(f"the vllm engine reads the model's raw log-probabilities; "
                              f"engine_args.logprobs_mode={mode!r} would change them")
         self._sampling = SamplingParams
+        self.model_name = f"vllm:{os.fspath(model).rstrip('/').rsplit('/', 1)[-1]}"
+        model = resolve(model)  # a packaged model's name -> its converted directory
         if "block_size" not in engine_args and _on_cpu():
             # vLLM's CPU default (128) leaves a short prompt's KV out of the prefix cache
             # (only full blocks are cached): the deeper label nodes would recompute the prompt
@@ -196,19 +199,25 @@ class VLLMEngine(Engine):
         started = child_pids() - before - {_resource_tracker_pid()}
         self._reaper = Reaper(started) if started else None
         self.tokenizer = self.llm.get_tokenizer()
-        self.model_name = f"vllm:{model.rstrip('/').rsplit('/', 1)[-1]}"
 
-    def _node_logprobs(self, nodes: list[Node]) -> list[dict[int, float]]:
-        outputs = self.llm.generate(
-            [{"prompt_token_ids": list(prefix)} for prefix, _ in nodes],
-            [self._sampling(**node_params(children)) for _, children in nodes],
-            use_tqdm=False)
-        return [node_logprobs(out, children) for out, (_, children) in zip(outputs, nodes)]
+    def _generate(self, part: str, prompts: list, params) -> list:
+        """One generate call, its tokens counted under `part`."""
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        self.count_tokens(part, prompt=sum(len(o.prompt_token_ids or ()) for o in outputs),
+                          cached=sum(o.num_cached_tokens or 0 for o in outputs),
+                          generated=sum(len(o.outputs[0].token_ids) for o in outputs))
+        return outputs
 
     def label_loglik(self, texts: Sequence[str], attribute: Attribute) -> np.ndarray:
         """Summed log-likelihood of each label after each text's prompt: [texts, labels]."""
+        def run(nodes: list[Node]) -> list[dict[int, float]]:
+            outputs = self._generate(
+                attribute.name, [{"prompt_token_ids": list(prefix)} for prefix, _ in nodes],
+                [self._sampling(**node_params(children)) for _, children in nodes])
+            return [node_logprobs(out, children) for out, (_, children) in zip(outputs, nodes)]
+
         return score_labels(self.tokenizer.encode, [attribute.render(t) for t in texts],
-                            attribute.labels, self._node_logprobs)
+                            attribute.labels, run)
 
     def classify(self, texts: Sequence[str], attribute: Attribute) -> Labels:
         probs = label_probabilities(self.label_loglik(texts, attribute))
@@ -218,7 +227,7 @@ class VLLMEngine(Engine):
 
     def caption(self, texts: Sequence[str], caption: Caption) -> list[str]:
         params = self._sampling(**caption_request(caption))
-        outputs = self.llm.generate([caption.render(t) for t in texts], params, use_tqdm=False)
+        outputs = self._generate("caption", [caption.render(t) for t in texts], params)
         return [o.outputs[0].text.strip() for o in outputs]
 
     def close(self) -> None:
