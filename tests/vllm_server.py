@@ -132,8 +132,10 @@ class VLLMServer:
         return self.start()
 
     def close(self) -> None:
+        """Stop the server and remove its log (a start-up failure's error carries the tail)."""
         self.stop()
         self._log.close()
+        self.log_path.unlink(missing_ok=True)
 
     def __enter__(self) -> "VLLMServer":
         return self.start()

@@ -11,17 +11,20 @@ for the texts that succeeded.
 classify scores labels the way the other generative engines do (udfs.engines.prompts), by
 token id, in one of two request shapes (`scoring`):
 
-- "nodes" (the default; vLLM >= 0.20's server): the way the in-process vllm engine scores.
-  The prompt and prompt + " " + label are tokenised by the server's own tokenizer
-  (POST /tokenize, special tokens added as for a prompt); the labels' continuations form a
-  trie (`label_continuations`, `label_nodes`), and every node is one completion with the
-  node's token ids as the prompt, `max_tokens: 1`, `temperature: 0` and vLLM's
-  `logprob_token_ids` set to the node's children (with `return_tokens_as_token_ids`, so the
-  reply's top_logprobs are keyed "token_id:<id>", never by decoded string). The root (the
-  prompt itself) goes first; the deeper nodes follow once it has been answered, so they find
-  the prompt's KV blocks in vLLM's prefix cache. vLLM reads these log-probabilities from the
-  raw logits (vllm/v1/sample/sampler.py, gather_specific_token_logprobs; the server's default
-  --logprobs-mode raw_logprobs).
+- "nodes" (the default; a vLLM server whose /v1/completions takes logprob_token_ids): the
+  way the in-process vllm engine scores. The prompt and prompt + " " + label are tokenised by
+  the server's own tokenizer (POST /tokenize, special tokens added as for a prompt); the
+  labels' continuations form a trie (`label_continuations`, `label_nodes`). The root (the
+  prompt's ids, whose children are the labels' first tokens) is one completion with
+  `max_tokens: 1`, `temperature: 0` and vLLM's `logprob_token_ids` set to its children (with
+  `return_tokens_as_token_ids`, so the reply's top_logprobs are keyed "token_id:<id>", never
+  by decoded string). Once it is answered, the deeper nodes go in one more request (several
+  if their children exceed vLLM's 128 ids), a list of token-id prompts with
+  logprob_token_ids = the union of their children: they find the prompt's KV blocks in
+  vLLM's prefix cache and compute only the tokens past its last full block. vLLM reads these
+  log-probabilities from the raw logits (vllm/v1/sample/sampler.py,
+  gather_specific_token_logprobs; the server's default --logprobs-mode raw_logprobs), so
+  asking for extra ids changes none of them.
 - "prompt_logprobs" (any server with vLLM's `prompt_logprobs` + `return_token_ids`
   extensions): one completion per (text, label) with prompt + " " + label as text; the server
   returns the log-probability of every prompt token keyed by id, and a label's score is the
@@ -35,6 +38,7 @@ from __future__ import annotations
 
 import math
 import time
+import threading
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Callable, Hashable, Sequence
@@ -52,6 +56,7 @@ SCORING = ("nodes", "prompt_logprobs")
 #: how vLLM writes -inf into JSON (vllm/entrypoints/openai/completion/serving.py)
 CLAMPED_LOGPROB = -9999.0
 TOKEN_ID_PREFIX = "token_id:"  # vLLM's return_tokens_as_token_ids form
+MAX_LOGPROB_TOKEN_IDS = 128  # vllm/sampling_params.py
 
 
 class RequestFailed(RuntimeError):
@@ -116,6 +121,22 @@ def parse_prompt_logprobs(reply: object) -> list[tuple[int | None, float | None]
 
 # -- "nodes" scoring ---------------------------------------------------------------------------
 
+def reply_usage(reply: object) -> tuple[int, int, int]:
+    """(prompt, cached, generated) tokens of a completion reply's `usage`; cached_tokens is
+    there when vLLM runs with --enable-prompt-tokens-details, else 0. Missing usage: zeros."""
+    usage = reply.get("usage") if isinstance(reply, dict) else None
+    if not isinstance(usage, dict):
+        return 0, 0, 0
+    details = usage.get("prompt_tokens_details")
+    cached = details.get("cached_tokens") if isinstance(details, dict) else None
+
+    def number(value: object) -> int:
+        return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+    return number(usage.get("prompt_tokens")), number(cached), number(
+        usage.get("completion_tokens"))
+
+
 def tokenize_request(text: str) -> dict:
     """Body (less the model) of POST /tokenize: the model's ids for `text` as a prompt."""
     return {"prompt": text, "add_special_tokens": True}
@@ -134,30 +155,24 @@ def parse_tokenize(reply: object) -> list[int]:
             from None
 
 
-def node_request(prefix: Sequence[int], children: Sequence[int]) -> dict:
-    """Body (less the model) asking for the log-probabilities of `children` after the token
-    ids `prefix`: vLLM's logprob_token_ids (which needs `logprobs` set; the server then
-    returns exactly those ids besides the generated one), keyed by id in the reply."""
-    return {"prompt": [int(t) for t in prefix], "max_tokens": 1, "temperature": 0.0,
-            "logprobs": len(children), "logprob_token_ids": [int(t) for t in children],
+def node_request(prefixes: Sequence[Sequence[int]], token_ids: Sequence[int]) -> dict:
+    """Body (less the model) asking for the log-probabilities of `token_ids` after each of the
+    token-id prompts `prefixes` (one completion request, one choice per prompt): vLLM's
+    logprob_token_ids (which needs `logprobs` set; the server then returns exactly those ids
+    besides the generated one), keyed by id in the reply."""
+    return {"prompt": [[int(t) for t in prefix] for prefix in prefixes], "max_tokens": 1,
+            "temperature": 0.0, "logprobs": len(token_ids),
+            "logprob_token_ids": [int(t) for t in token_ids],
             "return_tokens_as_token_ids": True}
 
 
-def parse_node_logprobs(reply: object, children: Sequence[int]) -> dict[int, float]:
-    """{child id: log-probability} from the reply to node_request(prefix, children).
-
-    vLLM's completion logprobs: top_logprobs[0] is {"token_id:<id>": logprob} for the
-    generated token and every id of logprob_token_ids (return_tokens_as_token_ids), with -inf
-    written as -9999.0. Keys in any other form (decoded strings: a server that ignored
-    return_tokens_as_token_ids) or a missing or infinite child fail the row.
-    """
-    choice = _first_choice(reply)
+def _choice_logprobs(choice: dict, children: Sequence[int]) -> dict[int, float]:
     logprobs = choice.get("logprobs")
     top = logprobs.get("top_logprobs") if isinstance(logprobs, dict) else None
     if not isinstance(top, list) or not top or not isinstance(top[0], dict):
         raise MalformedOutput("reply has no logprobs; the server must support vLLM's "
-                              "`logprob_token_ids` (vLLM >= 0.20), or use scoring: "
-                              f"prompt_logprobs: {str(choice)[:200]}")
+                              "`logprob_token_ids`, or use scoring: prompt_logprobs: "
+                              f"{str(choice)[:200]}")
     position = top[0]
     by_id: dict[int, float] = {}
     for key, value in position.items():
@@ -177,6 +192,48 @@ def parse_node_logprobs(reply: object, children: Sequence[int]) -> dict[int, flo
                                   "logprob_token_ids with --logprobs-mode raw_logprobs")
         out[int(token)] = lp
     return out
+
+
+def parse_node_logprobs(reply: object, children: Sequence[Sequence[int]]
+                        ) -> list[dict[int, float]]:
+    """Per prompt of node_request(prefixes, ...), {child id: log-probability} of its children.
+
+    vLLM answers a list of prompts with one choice per prompt, `index` = the prompt's
+    position. Each choice's logprobs.top_logprobs[0] is {"token_id:<id>": logprob} for the
+    generated token and every id of logprob_token_ids (return_tokens_as_token_ids), with
+    -inf written as -9999.0. Keys in any other form (decoded strings: a server that ignored
+    return_tokens_as_token_ids), a missing choice, or a missing or infinite child fail the
+    row.
+    """
+    try:
+        choices = {int(c["index"]): c for c in reply["choices"]}  # type: ignore[index]
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
+        raise MalformedOutput(f"unexpected completion reply ({exc!r}): {str(reply)[:200]}") \
+            from None
+    if sorted(choices) != list(range(len(children))):
+        raise MalformedOutput(f"{len(children)} prompts but choices {sorted(choices)}")
+    return [_choice_logprobs(choices[i], kids) for i, kids in enumerate(children)]
+
+
+def group_nodes(nodes: Sequence[Node], max_ids: int = MAX_LOGPROB_TOKEN_IDS
+                ) -> list[tuple[list[Node], list[int]]]:
+    """Nodes packed into requests, in order: each request's ids (the union of its nodes'
+    children) at most max_ids long, vLLM's limit on logprob_token_ids."""
+    groups: list[tuple[list[Node], list[int]]] = []
+    for node in nodes:
+        children = list(dict.fromkeys(node[1]))
+        if len(children) > max_ids:
+            raise MalformedOutput(f"{len(children)} distinct next tokens after one prefix; "
+                                  f"the server returns at most {max_ids}")
+        if groups:
+            members, ids = groups[-1]
+            union = list(dict.fromkeys([*ids, *children]))
+            if len(union) <= max_ids:
+                members.append(node)
+                groups[-1] = (members, union)
+                continue
+        groups.append(([node], children))
+    return groups
 
 
 def default_tokenize_url(base_url: str) -> str:
@@ -213,6 +270,15 @@ class OpenAIEngine(Engine):
                                         thread_name_prefix="openai-engine")
         self._cache: OrderedDict[Hashable, object] = OrderedDict()
         self._cache_size = cache_size
+        self._usage_lock = threading.Lock()
+
+    def _complete(self, part: str, body: dict) -> object:
+        """One completion, its tokens (the reply's usage) counted under `part`."""
+        reply = self._post({"model": self.model, **body})
+        prompt, cached, generated = reply_usage(reply)
+        with self._usage_lock:  # the pool's threads count concurrently
+            self.count_tokens(part, prompt=prompt, cached=cached, generated=generated)
+        return reply
 
     def _post(self, body: dict, url: str | None = None) -> object:
         """One request, retried on transient failures; the parsed JSON reply."""
@@ -272,22 +338,29 @@ class OpenAIEngine(Engine):
         return parse_tokenize(self._post({"model": self.model, **tokenize_request(text)},
                                          self.tokenize_url))
 
-    def _node(self, node: Node) -> dict[int, float]:
-        prefix, children = node
-        reply = self._post({"model": self.model, **node_request(prefix, children)})
-        return parse_node_logprobs(reply, children)
+    def _nodes(self, part: str, nodes: Sequence[Node]
+               ) -> dict[tuple[int, ...], dict[int, float]]:
+        """The children's log-probabilities of every node: one request per group of nodes."""
+        out: dict[tuple[int, ...], dict[int, float]] = {}
+        for members, ids in group_nodes(nodes):
+            reply = self._complete(part, node_request([p for p, _ in members], ids))
+            found = parse_node_logprobs(reply, [c for _, c in members])
+            out.update(zip((tuple(p) for p, _ in members), found))
+        return out
 
-    def _loglik_nodes(self, prompt: str, labels: Sequence[str]) -> np.ndarray:
+    def _loglik_nodes(self, part: str, prompt: str, labels: Sequence[str]) -> np.ndarray:
         context, conts = label_continuations(self._encode, prompt, labels)
-        nodes = label_nodes(context, conts)  # the root first: the others reuse its KV blocks
-        logprob = {prefix: self._node((prefix, children)) for prefix, children in nodes}
+        root, *deeper = label_nodes(context, conts)  # the root (the prompt) comes first
+        logprob = self._nodes(part, [root])
+        if deeper:  # once the root is computed: its KV blocks are in the prefix cache
+            logprob.update(self._nodes(part, deeper))
         context = tuple(context)
         return np.array([sum(logprob[context + tuple(ids[:i])][t] for i, t in enumerate(ids))
                          for ids in conts], dtype=np.float64)
 
-    def _loglik_prompt_logprobs(self, prompt: str, labels: Sequence[str]) -> np.ndarray:
-        scored = [parse_prompt_logprobs(self._post({"model": self.model,
-                                                    **score_request(prompt, label)}))
+    def _loglik_prompt_logprobs(self, part: str, prompt: str, labels: Sequence[str]
+                                ) -> np.ndarray:
+        scored = [parse_prompt_logprobs(self._complete(part, score_request(prompt, label)))
                   for label in labels]
         return np.array(continuation_logliks(scored), dtype=np.float64)
 
@@ -297,7 +370,7 @@ class OpenAIEngine(Engine):
                     else self._loglik_prompt_logprobs)
 
         def one(i: int) -> np.ndarray:
-            return one_text(attribute.render(texts[i]), attribute.labels)
+            return one_text(attribute.name, attribute.render(texts[i]), attribute.labels)
 
         rows = self._map([("label", self.scoring, attribute.version, t) for t in texts], one)
         return np.array(rows, dtype=np.float64).reshape(len(texts), len(attribute.labels))
@@ -309,10 +382,10 @@ class OpenAIEngine(Engine):
                       confidences=probs[np.arange(len(best)), best].astype(float).tolist())
 
     def caption(self, texts: Sequence[str], caption: Caption) -> list[str]:
-        body = {"model": self.model, **caption_request(caption)}
+        body = caption_request(caption)
 
         def one(i: int) -> str:
-            reply = self._post({**body, "prompt": caption.render(texts[i])})
+            reply = self._complete("caption", {**body, "prompt": caption.render(texts[i])})
             return _first_choice(reply)["text"].strip()
 
         return self._map([("caption", caption.version, t) for t in texts], one)
