@@ -74,7 +74,8 @@ def row(name: str, rows: int, seconds: float, counts: dict) -> dict:
     return out
 
 
-def in_process(model: str, specs: dict, items, rows: int, max_model_len: int) -> list[dict]:
+def in_process(model: str, specs: dict, items, rows: int, caption_rows: int,
+               max_model_len: int) -> list[dict]:
     from vllm import SamplingParams
     from vllm.sampling_params import StructuredOutputsParams
 
@@ -111,6 +112,7 @@ def in_process(model: str, specs: dict, items, rows: int, max_model_len: int) ->
                 results += [guided, exact]
                 print(json.dumps(guided), json.dumps(exact), sep="\n", flush=True)
             if spec.caption is not None:
+                timed = texts[WARMUP:WARMUP + caption_rows]
                 params = SamplingParams(**caption_request(spec.caption))
                 prompts = [spec.caption.render(t) for t in timed]
                 llm.generate([spec.caption.render(t) for t in warm], params, use_tqdm=False)
@@ -132,10 +134,11 @@ def in_process(model: str, specs: dict, items, rows: int, max_model_len: int) ->
     return results
 
 
-def through_spark(model: str, spec, items, rows: int, max_model_len: int,
+def through_spark(model: str, spec, items, rows: int, caption_rows: int, max_model_len: int,
                   batch: int) -> list[dict]:
-    """The annotate job, caption only and the whole spec, each on rows the worker's engine has
-    not seen (a warm-up job on other items loads the engine first)."""
+    """The annotate job: caption only on the rows (a) and (b) captioned, then the labels and
+    the caption on `rows` others; the worker's engine is loaded by a warm-up job on other
+    items first, and has seen none of the timed rows."""
     from spark_jobs.annotate import run
     from spark_jobs.session import get_spark
 
@@ -145,7 +148,7 @@ def through_spark(model: str, spec, items, rows: int, max_model_len: int,
         "spark.ui.enabled": "false", "spark.ui.showConsoleProgress": "false"})
     cfg = engine_config(model, max_model_len)
     frame = items[["item_id", "title", "description"]].copy()
-    out, results = [], []
+    results = []
     try:
         with tempfile.TemporaryDirectory() as tmp:
             quiet = lambda *a, **k: None  # noqa: E731
@@ -154,9 +157,9 @@ def through_spark(model: str, spec, items, rows: int, max_model_len: int,
                 f"{tmp}/warm", engine=cfg, progress=quiet)
             print(f"warm-up job (engine start in the worker) {time.perf_counter() - started:.1f} s",
                   flush=True)
-            todo = frame[WARMUP:WARMUP + rows]
-            halves = {"caption": todo[:rows // 2], "all": todo[rows // 2:]}
-            for name, part in halves.items():
+            slices = {"caption": frame[WARMUP:WARMUP + caption_rows],
+                      "all": frame[WARMUP + caption_rows:WARMUP + caption_rows + rows]}
+            for name, part in slices.items():
                 # the spec's labels and caption (its semantic IDs need an encoder, not vLLM)
                 sub = spec.restricted(["caption"] if name == "caption" else
                                       [*spec.attributes, "caption"])
@@ -180,7 +183,10 @@ def through_spark(model: str, spec, items, rows: int, max_model_len: int,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rows", type=int, default=120, help="timed items per path")
+    parser.add_argument("--rows", type=int, default=120, help="timed items per label path")
+    parser.add_argument("--caption-rows", type=int, default=480,
+                        help="timed items per caption path (enough that the job's fixed "
+                             "costs show in proportion)")
     parser.add_argument("--model", default="smollm2-135m-instruct",
                         help="a packaged model's name or a local HF directory")
     parser.add_argument("--max-model-len", type=int, default=1024)
@@ -194,12 +200,13 @@ def main() -> None:
 
     model = resolve(args.model)
     items = load_items().sample(frac=1.0, random_state=0).reset_index(drop=True)
-    items = items[items["description"].notna()].head(WARMUP + 2 * args.rows)
+    items = items[items["description"].notna()].head(
+        WARMUP + args.caption_rows + max(args.rows, 1))
     specs = {"movielens": load_spec(ROOT / "specs" / "movielens.yaml"),
              "movielens_genre": load_spec(ROOT / "specs" / "movielens_genre.yaml")}
-    results = in_process(model, specs, items, args.rows, args.max_model_len)
+    results = in_process(model, specs, items, args.rows, args.caption_rows, args.max_model_len)
     if not args.skip_spark:
-        results += through_spark(model, specs["movielens"], items, args.rows,
+        results += through_spark(model, specs["movielens"], items, args.rows, args.caption_rows,
                                  args.max_model_len, args.batch_size)
         caption_raw = next(r for r in results if r["path"] == "(a) LLM.generate: caption")
         job = next(r for r in results if r["path"] == "(c) annotate job: caption")

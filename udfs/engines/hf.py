@@ -16,14 +16,14 @@ from typing import Sequence
 
 import numpy as np
 
-from udfs.engines.base import Engine, Labels
-from udfs.engines.prompts import label_continuations, label_probabilities, truncate_left
+from udfs.engines.prompts import (LabelScoringEngine, label_continuations, label_probabilities,
+                                  truncate_left)
 from udfs.spec import Attribute, Caption
 
 __all__ = ["TransformersEngine", "label_probabilities"]
 
 
-class TransformersEngine(Engine):
+class TransformersEngine(LabelScoringEngine):
     def __init__(self, model: str, device: str = "cpu", batch_size: int = 16,
                  max_prompt_tokens: int = 512, dtype: str = "auto", threads: int | None = None):
         from udfs.engines.models import resolve
@@ -89,12 +89,6 @@ class TransformersEngine(Engine):
             is_label = torch.arange(n, device=self.device) >= n - lengths[:, None]
             scores.append((token_lp * is_label).sum(-1).cpu().numpy())
         return np.concatenate(scores).reshape(len(texts), len(attribute.labels))
-
-    def classify(self, texts: Sequence[str], attribute: Attribute) -> Labels:
-        probs = label_probabilities(self.label_loglik(texts, attribute))
-        best = probs.argmax(axis=1)
-        return Labels(labels=[attribute.labels[i] for i in best],
-                      confidences=probs[np.arange(len(best)), best].astype(float).tolist())
 
     def caption(self, texts: Sequence[str], caption: Caption) -> list[str]:
         torch = self._torch

@@ -47,9 +47,8 @@ import httpx
 
 import numpy as np
 
-from udfs.engines.base import Engine, Labels
-from udfs.engines.prompts import (MalformedOutput, Node, caption_request, continuation_logliks,
-                                  label_continuations, label_nodes, label_probabilities)
+from udfs.engines.prompts import (LabelScoringEngine, MalformedOutput, Node, caption_request,
+                                  continuation_logliks, label_continuations, label_nodes)
 from udfs.spec import Attribute, Caption
 
 SCORING = ("nodes", "prompt_logprobs")
@@ -244,7 +243,7 @@ def default_tokenize_url(base_url: str) -> str:
     return root + "/tokenize"
 
 
-class OpenAIEngine(Engine):
+class OpenAIEngine(LabelScoringEngine):
     def __init__(self, base_url: str, model: str, api_key: str | None = None,
                  concurrency: int = 8, timeout: float = 30, max_retries: int = 3,
                  backoff: float = 0.5, top_logprobs: int = 20, cache_size: int = 10_000,
@@ -374,12 +373,6 @@ class OpenAIEngine(Engine):
 
         rows = self._map([("label", self.scoring, attribute.version, t) for t in texts], one)
         return np.array(rows, dtype=np.float64).reshape(len(texts), len(attribute.labels))
-
-    def classify(self, texts: Sequence[str], attribute: Attribute) -> Labels:
-        probs = label_probabilities(self.label_loglik(texts, attribute))
-        best = probs.argmax(axis=1)
-        return Labels(labels=[attribute.labels[i] for i in best],
-                      confidences=probs[np.arange(len(best)), best].astype(float).tolist())
 
     def caption(self, texts: Sequence[str], caption: Caption) -> list[str]:
         body = caption_request(caption)

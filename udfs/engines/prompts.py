@@ -20,7 +20,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from udfs.spec import Caption
+from udfs.engines.base import Engine, Labels
+from udfs.spec import Attribute, Caption
 
 
 class MalformedOutput(ValueError):
@@ -32,6 +33,20 @@ def label_probabilities(loglik: np.ndarray) -> np.ndarray:
     z = loglik - loglik.max(axis=1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(axis=1, keepdims=True)
+
+
+class LabelScoringEngine(Engine):
+    """A generative engine: labels from `label_loglik`, the same way for every backend."""
+
+    def label_loglik(self, texts: Sequence[str], attribute: Attribute) -> np.ndarray:
+        """Summed log-likelihood of each label after each text's prompt: [texts, labels]."""
+        raise NotImplementedError
+
+    def classify(self, texts: Sequence[str], attribute: Attribute) -> Labels:
+        probs = label_probabilities(self.label_loglik(texts, attribute))
+        best = probs.argmax(axis=1)
+        return Labels(labels=[attribute.labels[i] for i in best],
+                      confidences=probs[np.arange(len(best)), best].astype(float).tolist())
 
 
 def _common_prefix(seqs: Sequence[Sequence[int]]) -> int:

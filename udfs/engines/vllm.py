@@ -42,9 +42,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from udfs.engines.base import Engine, Labels
 from udfs.engines.models import resolve
-from udfs.engines.prompts import (MalformedOutput, Node, caption_request, label_probabilities,
+from udfs.engines.prompts import (LabelScoringEngine, MalformedOutput, Node, caption_request,
                                   score_labels)
 from udfs.spec import Attribute, Caption
 
@@ -171,7 +170,7 @@ class Reaper:
             log.warning("engine reaper %d still running after %.0f s", self.proc.pid, timeout)
 
 
-class VLLMEngine(Engine):
+class VLLMEngine(LabelScoringEngine):
     def __init__(self, model: str, gpu_memory_utilization: float = 0.9,
                  max_model_len: int | None = None, top_logprobs: int = 20, seed: int = 0,
                  engine_args: dict | None = None):
@@ -218,12 +217,6 @@ class VLLMEngine(Engine):
 
         return score_labels(self.tokenizer.encode, [attribute.render(t) for t in texts],
                             attribute.labels, run)
-
-    def classify(self, texts: Sequence[str], attribute: Attribute) -> Labels:
-        probs = label_probabilities(self.label_loglik(texts, attribute))
-        best = probs.argmax(axis=1)
-        return Labels(labels=[attribute.labels[i] for i in best],
-                      confidences=probs[np.arange(len(best)), best].astype(float).tolist())
 
     def caption(self, texts: Sequence[str], caption: Caption) -> list[str]:
         params = self._sampling(**caption_request(caption))
