@@ -9,14 +9,18 @@ so the local jobs run `local[1]`: one partition, one Python worker, one engine (
 start two engines on the two cores for a dozen rows; two concurrent engines are what the
 cluster test runs anyway).
 
-- local mode: every row written, labels in the declared sets, confidences the transformers
-  engine's for the same model and texts, provenance `vllm:<model>`; a re-run is a no-op.
+- local mode (one table, three runs): a first run whose Python worker is SIGKILLed
+  mid-annotation leaves no vLLM process and commits nothing; the re-run writes every row, with
+  labels in the declared sets, confidences the transformers engine's for the same model and
+  texts, provenance `vllm:<model>`; a third run is a no-op.
 - a standalone cluster with README's GPU settings (tests/spark_cluster.py: two fake GPU
   addresses, one per executor): each engine, and the VLLM::EngineCore process it spawns,
   runs under CUDA_VISIBLE_DEVICES = its task's GPU address (read from /proc/<pid>/environ).
-- lifecycle: Python workers SIGKILLed mid-annotation leave no vLLM process behind and a re-run
-  completes the table; an engine core killed mid-batch fails the task with FatalEngineError
-  (not row errors) and the table is exactly as before.
+- an engine core killed mid-batch fails the task with FatalEngineError (not row errors) and
+  the table is exactly as before.
+
+A held engine (tests.vllm_probe.ProbedVLLM, hold=True) has scored its first batch and waits
+before returning it, so "mid-annotation" is a state the test waits for, not a timing guess.
 
 Which processes belong to a job is told by a marker variable in their environment
 (tests/vllm_probe.py), so vLLM processes of anything else on the machine are never counted.
@@ -63,6 +67,12 @@ attributes:
       general: a general adult reader
       student: a student or researcher, a textbook
       hobbyist: a hobby, cooking or outdoor pursuit
+  theme:
+    labels:
+      crime: crime, murder or detectives
+      war: war, sieges and soldiers
+      magic: magic, wizards and dragons
+      nature: nature, plants and animals
 caption:
   top_k: 3
   descriptors: [crime, mystery, romance, war, history, cooking, nature, fantasy, magic,
@@ -145,13 +155,23 @@ def submit(catalogue: dict, out: Path, engine: dict, job: str, master: str = "lo
                             cwd=out.parent, start_new_session=True)
 
 
+def vllm_alive(job: str, pids=()) -> dict[int, str]:
+    """{pid: cmdline} of the job's vLLM processes (VLLM::EngineCore, VLLM::Worker, ...) and
+    of the given pids that are still alive."""
+    return {**vllm_processes(job), **{p: "(watched)" for p in pids if alive(p)}}
+
+
+def survivors(job: str, pids=()) -> dict[int, str]:
+    """What vllm_alive still finds after waiting up to GONE_TIMEOUT for it to be empty."""
+    wait_until(lambda: not vllm_alive(job, pids), GONE_TIMEOUT)
+    return vllm_alive(job, pids)
+
+
 def assert_no_vllm_left(job: str, pids=()) -> None:
-    """No vLLM process of this job (VLLM::EngineCore, VLLM::Worker, ...) is alive, within
-    GONE_TIMEOUT: the job's end (or its workers' death) must take them down."""
-    gone = wait_until(lambda: not vllm_processes(job) and not any(map(alive, pids)),
-                      GONE_TIMEOUT)
-    assert gone, (f"vLLM processes outlived the job: {vllm_processes(job)}, "
-                  f"watched pids alive: {[p for p in pids if alive(p)]}")
+    """No vLLM process of this job outlives it: the job's end (or its workers' death) must
+    take them down."""
+    left = survivors(job, pids)
+    assert not left, f"vLLM processes outlived the job: {left}"
 
 
 def run_files(out: Path) -> dict[str, bytes]:
@@ -176,15 +196,47 @@ def check_table(out: Path, catalogue: dict, model: Path) -> pd.DataFrame:
     return table.set_index("sku").loc[catalogue["items"]["sku"]]
 
 
+def held(record_dir: Path, proc: subprocess.Popen, log: Path) -> list[dict]:
+    """Wait until a ProbedVLLM(hold=True) engine is held mid-annotation; its records."""
+    found = wait_until(lambda: list(record_dir.glob("held-*")) or proc.poll() is not None, 420)
+    assert found is not True and found, log.read_text()[-4000:]
+    return records(record_dir)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 @pytest.fixture(scope="module")
 def local_run(model, catalogue, tmp_path_factory) -> dict:
-    """One annotate job in local mode on the plain vllm config, the way a user runs it."""
+    """The annotate job in local mode, twice on one table: a first run whose Python worker is
+    SIGKILLed mid-annotation, then the re-run on the plain vllm config, as a user would."""
     base = tmp_path_factory.mktemp("vllm_local")
-    out, job = base / "out", uuid.uuid4().hex
+    out, record_dir, log = base / "out", base / "engines", base / "killed.log"
+    killed = {"job": uuid.uuid4().hex}
+    proc = submit(catalogue, out, probed_engine(model, record_dir, hold=True), killed["job"],
+                  wait=False, logs=log)
+    try:
+        # the engine has scored a batch; the task is mid-annotation, held there
+        engines = held(record_dir, proc, log)
+        cores = [c["pid"] for e in engines for c in e["cores"]]
+        killed.update(engines=engines, cores=cores, cores_alive=all(map(alive, cores)),
+                      vllm_running=vllm_processes(killed["job"]))
+        for engine in engines:
+            os.kill(engine["pid"], signal.SIGKILL)  # the Python worker, as for a killed task
+        proc.wait(timeout=300)
+    finally:
+        stop(proc)
+    killed.update(returncode=proc.returncode, log=log.read_text(), files=run_files(out),
+                  vllm_left=survivors(killed["job"], cores))
+
+    job = uuid.uuid4().hex
     proc = submit(catalogue, out, vllm_engine(model), job,
                   extra=("--report", str(base / "report.json")))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    return {"out": out, "job": job, "base": base,
+    return {"out": out, "job": job, "base": base, "killed": killed,
             "report": json.loads((base / "report.json").read_text())}
 
 
@@ -208,6 +260,7 @@ def test_annotate_job_on_vllm_in_local_mode(local_run, model, catalogue):
                                        atol=1e-4, err_msg=name)
     finally:
         reference.close()
+    assert table["theme_label"].nunique() > 1  # the texts get different answers
 
     # a re-run finds nothing to annotate: no engine work, no new file
     before = run_files(out)
@@ -217,6 +270,19 @@ def test_annotate_job_on_vllm_in_local_mode(local_run, model, catalogue):
     report = json.loads((local_run["base"] / "again.json").read_text())
     assert report["rows_written"] == 0 and report["rows_reused"] == n
     assert report["committed"] == [] and run_files(out) == before
+
+
+def test_killed_workers_leave_no_engine_core_and_a_rerun_completes(local_run, model,
+                                                                    catalogue):
+    killed = local_run["killed"]
+    # while held, the engine was up: its engine core and vLLM's processes running
+    assert killed["cores"] and killed["cores_alive"] and killed["vllm_running"], killed
+    log = killed["log"]
+    assert killed["returncode"] != 0, log[-4000:]  # local mode: one attempt per task
+    assert "Python worker exited unexpectedly" in log or "crashed" in log, log[-4000:]
+    assert not [name for name in killed["files"] if name.endswith(".parquet")]  # no commit
+    assert not killed["vllm_left"], f"vLLM processes outlived the killed job: {killed}"
+    check_table(local_run["out"], catalogue, model)  # the re-run: every item exactly once
 
 
 def test_each_engine_is_pinned_to_its_tasks_gpu_on_a_cluster(cluster, model, catalogue,
@@ -245,42 +311,13 @@ def test_each_engine_is_pinned_to_its_tasks_gpu_on_a_cluster(cluster, model, cat
     for engine in engines:
         assert len(engine["task_gpu"]) == 1
         assert engine["cuda_visible_devices"] == engine["task_gpu"][0], engine
-        [core] = engine["cores"]  # the process that opens the GPU, as it was started
+        # the process that opens the GPU, as it was started: /proc/<pid>/environ is the
+        # environment at exec, so this also shows the core was spawned (a fresh interpreter
+        # after pin_gpu), not forked from a worker started before the pinning
+        [core] = engine["cores"]
         assert core["cmdline"].startswith("VLLM::EngineCore")
         assert core["cuda_visible_devices"] == engine["task_gpu"][0], engine
     assert_no_vllm_left(job, [c["pid"] for e in engines for c in e["cores"]])
-
-
-def test_killed_workers_leave_no_engine_core_and_a_rerun_completes(model, catalogue,
-                                                                    tmp_path):
-    job, out, record_dir = uuid.uuid4().hex, tmp_path / "out", tmp_path / "engines"
-    proc = submit(catalogue, out, probed_engine(model, record_dir, hold=True), job,
-                  wait=False, logs=tmp_path / "killed.log")
-    try:
-        # the engine has scored a batch and the task is mid-annotation, held there
-        held = wait_until(lambda: list(record_dir.glob("held-*")) or proc.poll() is not None,
-                          420)
-        assert held is not True and held, (tmp_path / "killed.log").read_text()[-4000:]
-        engines = records(record_dir)
-        cores = [c["pid"] for e in engines for c in e["cores"]]
-        assert engines and cores and all(map(alive, cores)) and vllm_processes(job)
-        for engine in engines:
-            os.kill(engine["pid"], signal.SIGKILL)  # the Python worker, as a killed task
-        proc.wait(timeout=300)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    log = (tmp_path / "killed.log").read_text()
-    assert proc.returncode != 0, log[-4000:]  # local mode: one attempt per task
-    assert "Python worker exited unexpectedly" in log or "crashed" in log, log[-4000:]
-    assert not [name for name in run_files(out) if name.endswith(".parquet")]  # no commit
-    assert_no_vllm_left(job, cores)
-
-    proc = submit(catalogue, out, vllm_engine(model), job)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    check_table(out, catalogue, model)  # every item exactly once
-    assert_no_vllm_left(job)
 
 
 def test_a_dead_engine_core_fails_the_task_and_commits_nothing(local_run, model, catalogue,
@@ -292,19 +329,14 @@ def test_a_dead_engine_core_fails_the_task_and_commits_nothing(local_run, model,
     proc = submit(catalogue, out, probed_engine(model, record_dir, hold=True), job,
                   extra=("--full",), wait=False, logs=tmp_path / "job.log")
     try:
-        held = wait_until(lambda: list(record_dir.glob("held-*")) or proc.poll() is not None,
-                          420)
-        assert held is not True and held, (tmp_path / "job.log").read_text()[-4000:]
-        [engine] = records(record_dir)
+        [engine] = held(record_dir, proc, tmp_path / "job.log")
         [core] = [c["pid"] for c in engine["cores"]]
         os.kill(core, signal.SIGKILL)  # mid-batch: one attribute scored, the next to come
         assert wait_until(lambda: not alive(core), 60)
         (record_dir / "release").touch()
         proc.wait(timeout=300)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop(proc)
     log = (tmp_path / "job.log").read_text()
     assert proc.returncode != 0, log[-4000:]
     # the annotator raised it as fatal after one call on the dead engine, not as row errors

@@ -5,6 +5,7 @@ after building its `vllm.LLM` it writes `engine-<pid>.json` under `record_dir` w
 Python worker's pid, the task's GPU addresses (TaskContext), the worker's
 CUDA_VISIBLE_DEVICES, and each VLLM::EngineCore child with the CUDA_VISIBLE_DEVICES read
 from its /proc/<pid>/environ (what the process that would open the GPU was started with).
+It also records when it was built and how long that took.
 With `hold`, its first classify call scores the batch, writes `held-<pid>` and waits for a
 `release` file before returning: the task is then mid-annotation (the engine has run, the
 batch is not done), so a test can kill the worker or the engine core at that point.
@@ -92,12 +93,14 @@ class ProbedVLLM(VLLMEngine):
                  **options):
         from udfs.worker import task_gpu_addresses
 
+        started = time.time()
         super().__init__(**options)
         self.record_dir, self.hold, self.hold_timeout = Path(record_dir), hold, hold_timeout
         self._held = False
         cores = [p for p in _children(os.getpid()) if cmdline(p).startswith("VLLM::EngineCore")]
         record = {
             "pid": os.getpid(), "task_gpu": task_gpu_addresses(),
+            "built_at": time.time(), "build_seconds": round(time.time() - started, 1),
             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
             "cores": [{"pid": p, "cmdline": cmdline(p),
                        "cuda_visible_devices": environ(p).get("CUDA_VISIBLE_DEVICES")}
