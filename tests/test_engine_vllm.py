@@ -8,14 +8,12 @@ so labels span several tokens and share first tokens (the trie has deeper nodes)
 float32, so vLLM's numbers must equal the transformers engine's (the reference every
 generative engine is held to) within 1e-4.
 
-Engines are started once per module (each start costs ~25 s of CPU); the lifecycle tests run
-a Python worker as PySpark ends it, in a subprocess with its own engine.
+Engines are started once per module (each start costs ~25 s of CPU). How an engine core dies
+with a Python worker that PySpark kills, and what a dead engine core does to a task, is
+tested where it happens, through Spark (tests/test_vllm_spark.py).
 """
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -32,7 +30,6 @@ from udfs.engines.prompts import (MalformedOutput, label_continuations, label_no
                                   label_probabilities)
 from udfs.engines.vllm import VLLMEngine, node_logprobs, node_params
 
-ROOT = Path(__file__).resolve().parents[1]
 TEXTS = [
     "Alien (1979). Genres: Horror, Sci-Fi",
     "Toy Story (1995). Genres: Adventure, Animation, Children, Comedy, Fantasy",
@@ -199,99 +196,6 @@ def wait_gone(pids, timeout: float) -> bool:
             return True
         time.sleep(0.2)
     return all(map(gone, pids))
-
-
-def engine_processes(pid: int) -> list[int]:
-    """The processes vLLM started under `pid` (engine core and its workers)."""
-    try:
-        return [p.pid for p in psutil.Process(pid).children(recursive=True)
-                if "VLLM" in " ".join(p.cmdline()) or "vllm" in " ".join(p.cmdline())]
-    except psutil.NoSuchProcess:
-        return []
-
-
-# A Python worker as PySpark ends it: SIGKILL (a killed task) or os._exit (after any task
-# error): no atexit, no finaliser runs. On "kill-core", it kills its own engine core in the
-# middle of a batch and reports what the annotator raised.
-WORKER = """
-import os, signal, sys, threading, time
-import pandas as pd
-from udfs.annotator import annotate_texts
-from udfs.engines import build_engine
-from udfs.spec import load_spec
-if __name__ == "__main__":
-    engine = build_engine(eval(sys.argv[1]))
-    core = [p for p in __import__("psutil").Process().children() if "EngineCore" in " ".join(p.cmdline())]
-    print("CORE", core[0].pid, flush=True)
-    if sys.stdin.readline().strip() == "kill-core":
-        spec = load_spec(sys.argv[2])
-        texts = pd.Series([f"Movie number {i}, a long story of many things" for i in range(3000)])
-        threading.Timer(1.0, os.kill, (core[0].pid, signal.SIGKILL)).start()
-        try:
-            out = annotate_texts(engine, spec.attributes["vibe"], texts)
-            print("RESULT no error", int(out["error"].notna().sum()), flush=True)
-        except BaseException as exc:
-            print("RESULT", type(exc).__name__, str(exc)[:200].replace(chr(10), " "), flush=True)
-        os._exit(1)
-    time.sleep(600)
-"""
-
-
-def start_worker(model: Path) -> tuple[subprocess.Popen, int]:
-    worker = subprocess.Popen(
-        [sys.executable, "-c", WORKER, repr(vllm_config(model)), str(ROOT / "specs" / "movielens.yaml")],
-        cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-        env={**os.environ, "ANNOFEAT_REAP_GRACE": "2"})
-    line = read_marked(worker, "CORE ")
-    if not line:
-        worker.kill()
-        pytest.fail("the worker did not start its engine")
-    return worker, int(line)
-
-
-def read_marked(worker: subprocess.Popen, marker: str) -> str:
-    """The rest of the worker's first stdout line starting with marker (vLLM logs there too)."""
-    for line in worker.stdout:
-        if line.startswith(marker):
-            return line[len(marker):].strip()
-    return ""
-
-
-def test_engine_core_dies_with_a_killed_worker(models):
-    worker, core = start_worker(models["bpe"])
-    started = engine_processes(worker.pid)
-    try:
-        assert not gone(core) and core in started
-        worker.send_signal(signal.SIGKILL)
-        worker.wait(timeout=30)
-        assert wait_gone(started, 60), "vLLM processes outlived their SIGKILLed worker"
-    finally:
-        if worker.poll() is None:
-            worker.kill()
-        for pid in started:
-            if not gone(pid):
-                os.kill(pid, signal.SIGKILL)
-
-
-def test_a_dead_engine_core_mid_batch_is_fatal_and_cleaned_up(models):
-    """Killing the engine core in the middle of a batch fails the task (FatalEngineError
-    after one call, never a table of row errors); the worker then exits as PySpark ends it
-    (os._exit) and no vLLM process outlives it."""
-    worker, core = start_worker(models["bpe"])
-    started = engine_processes(worker.pid)
-    try:
-        worker.stdin.write("kill-core\n")
-        worker.stdin.flush()
-        report = read_marked(worker, "RESULT ")
-        worker.wait(timeout=60)
-        assert report.startswith("FatalEngineError"), report
-        assert wait_gone(started, 60), "vLLM processes outlived their worker"
-    finally:
-        if worker.poll() is None:
-            worker.kill()
-        for pid in started:
-            if not gone(pid):
-                os.kill(pid, signal.SIGKILL)
 
 
 def test_the_annotator_contract_holds_on_vllm(engines, spec):
