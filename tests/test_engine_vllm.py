@@ -200,8 +200,8 @@ def wait_gone(pids, timeout: float) -> bool:
 
 def test_the_annotator_contract_holds_on_vllm(engines, spec):
     """Null, blank and duplicate texts through udfs.annotator: one result or error per row."""
-    texts = pd.Series([TEXTS[0], None, "  ", TEXTS[0], TEXTS[2]])
-    from udfs.annotator import annotate_texts
+    from udfs.annotator import annotate_texts, clean_columns
+    texts = clean_columns([pd.Series([TEXTS[0], None, "  ", TEXTS[0], TEXTS[2]])])  # as the UDFs do
     out = annotate_texts(engines("unigram"), spec.attributes["audience"], texts)
     assert len(out) == 5
     assert out["error"].notna().tolist() == [False, True, True, False, False]

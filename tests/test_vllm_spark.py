@@ -15,7 +15,7 @@ cluster test runs anyway).
   texts, provenance `vllm:<model>`; a third run is a no-op.
 - a standalone cluster with README's GPU settings (tests/spark_cluster.py: two fake GPU
   addresses, one per executor): each engine, and the VLLM::EngineCore process it spawns,
-  runs under CUDA_VISIBLE_DEVICES = its task's GPU address (read from /proc/<pid>/environ).
+  runs under CUDA_VISIBLE_DEVICES = its task's GPU address (vLLM's model worker reports it).
 - an engine core killed mid-batch fails the task with FatalEngineError (not row errors) and
   the table is exactly as before.
 
@@ -311,12 +311,13 @@ def test_each_engine_is_pinned_to_its_tasks_gpu_on_a_cluster(cluster, model, cat
     for engine in engines:
         assert len(engine["task_gpu"]) == 1
         assert engine["cuda_visible_devices"] == engine["task_gpu"][0], engine
-        # the process that opens the GPU, as it was started: /proc/<pid>/environ is the
-        # environment at exec, so this also shows the core was spawned (a fresh interpreter
-        # after pin_gpu), not forked from a worker started before the pinning
         [core] = engine["cores"]
         assert core["cmdline"].startswith("VLLM::EngineCore")
-        assert core["cuda_visible_devices"] == engine["task_gpu"][0], engine
+        # the process that opens the GPU (vLLM's model worker, under the engine core) reports
+        # its own environment: what CUDA would read there
+        [model_worker] = engine["model_workers"]
+        assert model_worker["pid"] not in (engine["pid"], core["pid"])
+        assert model_worker["cuda_visible_devices"] == engine["task_gpu"][0], engine
     assert_no_vllm_left(job, [c["pid"] for e in engines for c in e["cores"]])
 
 

@@ -88,12 +88,20 @@ def _children(pid: int) -> list[int]:
     return out
 
 
+def _worker_environment(worker=None) -> dict:
+    """Run inside vLLM's model worker (collective_rpc): its pid and, live, the variable CUDA
+    reads when that process opens the GPU."""
+    return {"pid": os.getpid(), "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
+
+
 class ProbedVLLM(VLLMEngine):
     def __init__(self, record_dir: str, hold: bool = False, hold_timeout: float = 600,
                  **options):
         from udfs.worker import task_gpu_addresses
 
         started = time.time()
+        # collective_rpc of a function (below) needs vLLM's pickle fallback: a test probe only
+        os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
         super().__init__(**options)
         self.record_dir, self.hold, self.hold_timeout = Path(record_dir), hold, hold_timeout
         self._held = False
@@ -105,6 +113,9 @@ class ProbedVLLM(VLLMEngine):
             "cores": [{"pid": p, "cmdline": cmdline(p),
                        "cuda_visible_devices": environ(p).get("CUDA_VISIBLE_DEVICES")}
                       for p in cores],
+            # /proc/<pid>/environ of a renamed process (setproctitle, "VLLM::...") may be
+            # overwritten by its title; the model worker answers for itself instead
+            "model_workers": self.llm.collective_rpc(_worker_environment),
         }
         tmp = self.record_dir / f".engine-{os.getpid()}.json"
         tmp.write_text(json.dumps(record))
