@@ -39,8 +39,11 @@ redis:
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq redis-server >/dev/null; }
 
-demo: venv
-	$(PY) -m spark_jobs.demo
+# make demo ENGINE=smollm2: the same flow with the packaged LLM through vLLM's CPU build for
+# the most popular items (it needs the test environment, which has vLLM)
+ENGINE ?= embedding
+demo: $(if $(filter embedding,$(ENGINE)),venv,test-venv)
+	$(PY) -m spark_jobs.demo --engine $(ENGINE)
 
 test: test-venv redis
 	$(PY) -m pytest -q --durations=15 tests

@@ -5,9 +5,11 @@
         [--id-column item_id] [--text-columns title,description] [--timestamp-column T]
 
 Incremental per part (each attribute, and the caption): a part is annotated again only for
-items that are new, whose text changed, whose previous annotation of that part failed, or
-whose definition of that part changed in the spec; every other part of the row is carried
-over. Items with nothing to redo get no new row. A run appends one file to the table's
+items that are new, whose text changed, whose previous annotation of that part failed, whose
+definition of that part changed in the spec, or that another model labelled (the row's
+`model` is not what this run's engine for the row's tier, head or tail, is named; so
+switching --engine re-annotates, and --keep-other-models keeps the old labels instead);
+every other part of the row is carried over. Items with nothing to redo get no new row. A run appends one file to the table's
 history and commits it with a single object move (udfs.table), so readers see the previous
 table or the new one, never a partial one, and a re-run or a retried task leaves no
 duplicates.
@@ -49,7 +51,8 @@ from pyspark.sql.types import StructType
 from udfs import register
 from udfs import schema as S
 from udfs import semantic_ids
-from udfs.engines import DEFAULT_ENGINE, EngineConfigError, check_config, parse_engine
+from udfs.engines import (DEFAULT_ENGINE, EngineConfigError, check_config, model_name,
+                          parse_engine)
 from udfs.functions import TokenCountsParam
 from udfs.schema import AnnotationSchema, SchemaError, id_type_of
 from udfs.semantic_fit import quantizer_for
@@ -60,7 +63,7 @@ from udfs.table import FeatureTable, TableError, new_run_id, run_file_name
 log = logging.getLogger("annofeat.annotate")
 HASH_SEP = "\u241f"  # a separator that does not occur in ordinary text
 PREV = "__prev_"     # prefix of the previous row's columns while planning
-REASONS = ("full", "new", "content", "definition", "retry")
+REASONS = ("full", "new", "content", "definition", "engine", "retry")
 
 
 class JobError(RuntimeError):
@@ -167,20 +170,32 @@ def project(history: DataFrame, table: AnnotationSchema) -> DataFrame:
         .cast(table.spark_type(c.type)).alias(c.name) for c in table.columns])
 
 
-def reason(part: str, table: AnnotationSchema, full: bool):
-    """Why `part` must be annotated for a row (null: it can be reused)."""
+def reason(part: str, table: AnnotationSchema, full: bool, models: dict | None = None):
+    """Why `part` must be annotated for a row (null: it can be reused).
+
+    models: {routing tier: the model_name this run's engine for that tier has}; a row
+    labelled by another model has its engine's parts redone ("engine"). A tier missing
+    or None (a model only known once built), or a row whose model is unknown, is kept.
+    The semantic ID is the embedder's, versioned by its quantiser, so no model applies."""
     p = lambda name: F.col(PREV + name)  # noqa: E731
+    expected = F.lit(None).cast("string")
+    for tier, name in (models or {}).items():
+        if name is not None:
+            expected = F.when(p(S.LABELLED_BY) == tier, F.lit(name)).otherwise(expected)
+    other_model = (F.lit(part != S.SEMANTIC_ID) & p(S.MODEL).isNotNull()
+                   & expected.isNotNull() & (p(S.MODEL) != expected))
     return (F.when(F.lit(full), "full")
             .when(p(table.id_column).isNull(), "new")
             .when(~p(S.CONTENT_HASH).eqNullSafe(F.col(S.CONTENT_HASH)), "content")
             .when(~p(S.version(part)).eqNullSafe(F.lit(table.part_version(part))), "definition")
+            .when(other_model, "engine")
             .when(p(table.value_column(part)).isNull(), "retry"))
 
 
 def plan(hashed: DataFrame, previous: DataFrame | None, table: AnnotationSchema,
-         full: bool) -> DataFrame:
+         full: bool, models: dict | None = None) -> DataFrame:
     """The input with the previous row's columns (PREV-prefixed), a reason per part and
-    `__todo`: the comma-joined parts to annotate ("" when nothing)."""
+    `__todo`: the comma-joined parts to annotate ("" when nothing). models: see reason."""
     key = table.id_column
     if previous is None:
         prev = hashed.sparkSession.createDataFrame([], table.spark_ddl())
@@ -189,7 +204,7 @@ def plan(hashed: DataFrame, previous: DataFrame | None, table: AnnotationSchema,
     prev = prev.select(*[F.col(c).alias(PREV + c) for c in table.names])
     joined = hashed.join(prev, hashed[key] == prev[PREV + key], "left")
     for part in table.parts:
-        joined = joined.withColumn(f"__why_{part}", reason(part, table, full))
+        joined = joined.withColumn(f"__why_{part}", reason(part, table, full, models))
     todo = F.concat_ws(",", *[F.when(F.col(f"__why_{p}").isNotNull(), F.lit(p))
                               for p in table.parts])
     return joined.withColumn("__todo", todo)
@@ -293,11 +308,13 @@ def run(spark: SparkSession, spec: Spec, items: DataFrame, output: str,
         text_columns: list[str] | None = None, timestamp_column: str | None = None,
         full: bool = False, fail_on_error: bool = False, routing: Routing | None = None,
         refit_semantic_ids: bool = False, embed_engine: dict | None = None,
-        progress=print) -> dict:
+        keep_other_models: bool = False, progress=print) -> dict:
     """Annotate what `items` needs into the feature table at `output`; returns the report.
 
     `embed_engine` (default: `engine`) embeds the texts for semantic IDs: needed when the
-    annotating engine cannot embed (vllm, transformers, openai, a student)."""
+    annotating engine cannot embed (vllm, transformers, openai, a student).
+    A row labelled by another model than this run's engine for its tier (head: `engine`,
+    tail: the routing engine) is redone, unless `keep_other_models`."""
     engine = dict(engine or DEFAULT_ENGINE)
     embedder = engine if embed_engine is None else embed_engine  # for every routing tier
     started = time.time()
@@ -340,8 +357,9 @@ def run(spark: SparkSession, spec: Spec, items: DataFrame, output: str,
         table = AnnotationSchema(spec, id_column, id_type, quantizer_version=quantizer.version)
 
     previous, migrate, migrated_from = _previous(spark, store, table)
+    models = None if keep_other_models else _tier_models(engine, routing)
     planned = plan(hashed, None if previous is None else latest(previous, id_column),
-                   table, full).persist()
+                   table, full, models).persist()
     try:
         rows_in = planned.count()
         by_part, groups = part_counts(planned, table)
@@ -459,6 +477,16 @@ def _query(spark, spec, frame, query, engine, fail_on_error, engine_seconds,
     return result.select(F.col(f"`{table.id_column}`"), *annotation_columns(result, table, parts))
 
 
+def _tier_models(engine: dict, routing: Routing | None) -> dict:
+    """{tier: the model_name its engine will have}; without routing every row, whatever
+    tier labelled it before, goes to the main engine."""
+    try:
+        head = model_name(engine)
+        return {"head": head, "tail": model_name(routing.engine) if routing else head}
+    except EngineConfigError as exc:
+        raise JobError(str(exc)) from None
+
+
 def _previous(spark, store: FeatureTable, table: AnnotationSchema):
     """(history in this schema, history to migrate into this schema's new directory, the
     directory it comes from)."""
@@ -528,6 +556,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=1024,
                    help="rows per Arrow batch handed to the engine")
     p.add_argument("--full", action="store_true", help="re-annotate every part of every row")
+    p.add_argument("--keep-other-models", action="store_true",
+                   help="keep parts another model labelled (by default a row labelled by a "
+                        "model other than this run's engine for its tier is redone)")
     p.add_argument("--refit-semantic-ids", action="store_true",
                    help="fit the semantic-ID quantiser again on the current input (a new "
                         "quantiser re-assigns every item's codes; the same sample gives the "
@@ -589,7 +620,8 @@ def main(argv: list[str] | None = None) -> int:
                      sql=sql, id_column=args.id_column, text_columns=text_columns,
                      timestamp_column=args.timestamp_column, full=args.full,
                      fail_on_error=args.fail_on_error, routing=routing,
-                     refit_semantic_ids=args.refit_semantic_ids, embed_engine=embed_engine)
+                     refit_semantic_ids=args.refit_semantic_ids, embed_engine=embed_engine,
+                     keep_other_models=args.keep_other_models)
     except (JobError, TableError) as exc:
         print(f"annotate: error: {exc}", file=sys.stderr)
         return 2

@@ -51,7 +51,14 @@ def get_spark(app_name: str, master: str | None = None, conf: dict | None = None
         builder = builder.master(master)
     # spark.log.level applies from the context's start, so its INFO start-up lines go too
     level = "INFO" if verbose else os.environ.get("ANNOFEAT_SPARK_LOG_LEVEL", "WARN")
-    for key, value in {**BASE_CONF, "spark.log.level": level, **(conf or {})}.items():
+    # vLLM logs its engine start at INFO, line by line, in every worker
+    engine_logs = {"spark.executorEnv.VLLM_LOGGING_LEVEL": os.environ.get(
+        "VLLM_LOGGING_LEVEL", "INFO" if verbose else "WARNING")}
+    if not verbose:
+        engine_logs["spark.executorEnv.PYTHONWARNINGS"] = os.environ.get(
+            "PYTHONWARNINGS", "ignore::FutureWarning,ignore::DeprecationWarning")
+    for key, value in {**BASE_CONF, **engine_logs, "spark.log.level": level,
+                       **(conf or {})}.items():
         builder = builder.config(key, value)
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel(level)

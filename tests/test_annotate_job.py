@@ -377,3 +377,38 @@ def test_head_tail_routing(job_dir, spark, spec, items_small):
         tail_engine, "popularity", min_popularity=50))
     table = latest(out).reset_index().merge(items_small[["item_id", "popularity"]], on="item_id")
     assert (table["labelled_by"] == "head").tolist() == (table["popularity"] >= 50).tolist()
+
+
+def test_switching_engines_reannotates_unless_kept(spark, tmp_path, tiny_llm_dir):
+    """Rows another model labelled are redone (reason "engine"); --keep-other-models keeps them."""
+    spec = parse_spec({**CATALOGUE_DATA, "semantic_id": {"levels": 2, "codes": 4, "sample": 12}})
+    items = spark.createDataFrame(catalogue(12))
+    out, opts = str(tmp_path / "books"), {"id_column": "sku", "text_columns": ["blurb"]}
+    llm = {"type": "transformers", "model": str(tiny_llm_dir)}
+    embedder = {"type": "embedding"}
+    annotate.run(spark, spec, items, out, **opts)
+    before = latest(out)
+    assert before["model"].eq("embedding:all-MiniLM-L6-v2").all()
+
+    kept = annotate.run(spark, spec, items, out, engine=llm, embed_engine=embedder,
+                        keep_other_models=True, **opts)
+    assert kept["rows_annotated"] == 0
+
+    report = annotate.run(spark, spec, items, out, engine=llm, embed_engine=embedder, **opts)
+    engine_parts = ["fiction", "reader", "caption"]
+    assert {p: report["parts"][p]["reasons"] for p in engine_parts} == \
+        {p: {"engine": 12} for p in engine_parts}
+    assert report["parts"]["semantic_id"]["reasons"] == {}  # the embedder did not change
+    after = latest(out)
+    assert after["model"].eq(f"transformers:{tiny_llm_dir.name}").all()
+    assert after["error"].isna().all()
+    assert after["fiction_label"].isin(["yes", "no"]).all()
+    pd.testing.assert_series_equal(after["semantic_id"].map(list), before["semantic_id"].map(list))
+    assert len(history(out)) == 24
+
+    again = annotate.run(spark, spec, items, out, engine=llm, embed_engine=embedder, **opts)
+    assert again["rows_annotated"] == 0  # the same engine: nothing to redo
+    back = annotate.run(spark, spec, items, out, **opts)
+    assert back["parts"]["reader"]["reasons"] == {"engine": 12}
+    pd.testing.assert_frame_equal(latest(out)[["fiction_label", "reader_label", "caption"]],
+                                  before[["fiction_label", "reader_label", "caption"]])

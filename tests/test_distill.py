@@ -12,7 +12,7 @@ from spark_jobs import distill as distill_job
 from spark_jobs.evaluate import movielens_genre_items
 from tests.conftest import ROOT
 from udfs.annotator import annotate_texts, caption_texts, clean_columns
-from udfs.engines import build_engine
+from udfs.engines import build_engine, model_name
 from udfs.spec import load_spec
 
 GENRE_SPEC = ROOT / "specs" / "movielens_genre.yaml"
@@ -92,6 +92,7 @@ def test_student_engine_labels_texts(student):
     assert len(out.labels) == 2 and set(out.labels) <= set(GENRE.labels)
     assert all(1 / len(GENRE.labels) < c <= 1 for c in out.confidences)
     assert student.model_name == "student:genre:embedding:all-MiniLM-L6-v2"
+    assert model_name({"type": "student", "path": student.path}) == student.model_name
 
 
 def test_student_engine_through_the_annotator(student, spec):

@@ -7,7 +7,7 @@ import pytest
 
 import udfs
 from tests.tiny_llm import build_tiny_llm, tiny_llm_dir  # noqa: F401 - session fixture
-from udfs.engines import build_engine
+from udfs.engines import build_engine, model_name
 from udfs.engines.hf import TransformersEngine, label_probabilities
 
 TEXTS = [
@@ -35,6 +35,8 @@ def test_missing_directory_names_the_path(tmp_path):
 
 def test_model_name_names_the_directory(engine, tiny_llm_dir):
     assert engine.model_name == f"transformers:{tiny_llm_dir.name}"
+    # known without building, as the annotate job compares it with each row's model
+    assert model_name({"type": "transformers", "model": str(tiny_llm_dir)}) == engine.model_name
 
 
 def test_labels_are_declared_and_confidence_is_their_probability(engine, spec):

@@ -43,7 +43,7 @@ import pytest
 from tests.tiny_llm import build_tiny_llm
 from tests.vllm_server import VLLMServer
 from udfs.annotator import annotate_texts, caption_texts
-from udfs.engines import build_engine
+from udfs.engines import build_engine, model_name
 from udfs.engines.hf import TransformersEngine
 from udfs.engines.openai import (RequestFailed, default_tokenize_url, group_nodes,
                                  node_request, parse_node_logprobs, parse_prompt_logprobs,
@@ -411,6 +411,8 @@ def test_node_requests_send_token_ids_root_first(proxied, proxy, spec):
         assert all(p[:len(root)] == root and len(p) > len(root) for p in deeper[0]["prompt"])
     assert proxy.headers[0]["Authorization"] == "Bearer sk-test"
     assert engine.model_name == "openai:tiny"
+    assert model_name({"type": "openai", "model": "tiny", "base_url": proxy.base_url}) == \
+        engine.model_name
 
 
 def test_prompt_logprobs_requests_send_prompt_and_label(proxied, proxy, spec):

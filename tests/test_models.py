@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 
 from tests.packaged_models import SMOLLM2, model_cache, smollm2_dir  # noqa: F401 (fixtures)
-from udfs.engines import EngineConfigError, build_engine, check_config, models
+from udfs.engines import EngineConfigError, build_engine, check_config, model_name, models
 from udfs.engines.hf import label_probabilities
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -108,6 +108,7 @@ def smollm2_engine(smollm2_dir):
 
 def test_transformers_engine_by_name_classifies(smollm2_engine, spec, monkeypatch):
     assert smollm2_engine.model_name == f"transformers:{SMOLLM2}"
+    assert model_name({"type": "transformers", "model": SMOLLM2}) == smollm2_engine.model_name
     scores = []  # what classify computed, to check its answer against
     loglik = smollm2_engine.label_loglik
     monkeypatch.setattr(smollm2_engine, "label_loglik",

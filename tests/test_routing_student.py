@@ -38,3 +38,17 @@ def test_tail_items_are_labelled_by_the_student(spark, spec, tmp_path):
         assert ok[f"{name}_label"].isin(attr.labels).all()
         assert ok[f"{name}_confidence"].between(0, 1).all()
     assert ok["caption"].notna().all()  # the student captions through its encoder
+
+    # Re-runs compare each row's model with this run's engine for the row's tier: the same
+    # routing redoes nothing; without routing the tail rows go to the main engine.
+    rerun = annotate.run(spark, spec, sdf, out, routing=annotate.Routing(
+        {"type": "student", "path": str(tmp_path / "student")}, "popularity", head_budget=40))
+    assert rerun["rows_annotated"] == 0
+    kept = annotate.run(spark, spec, sdf, out, keep_other_models=True)
+    assert kept["rows_annotated"] == 0
+    unrouted = annotate.run(spark, spec, sdf, out)
+    assert unrouted["parts"]["vibe"]["reasons"] == {"engine": 120}
+    assert unrouted["parts"]["semantic_id"]["reasons"] == {}
+    table = read_latest(out, spec)[0]
+    assert table["model"].eq("embedding:all-MiniLM-L6-v2").all()
+    assert table["labelled_by"].eq("head").all()

@@ -83,6 +83,17 @@ def check_config(config: dict | None) -> None:
         _load(kind)
 
 
+def model_name(config: dict | None) -> str | None:
+    """The model_name the engine `config` builds will have, without building it (None where
+    only the built engine knows; see Engine.name_for)."""
+    config = dict(config or DEFAULT_ENGINE)
+    kind = config.pop("type", None)
+    try:
+        return _load(kind).name_for(config)
+    except (KeyError, OSError) as exc:  # a missing option or path: building will say so
+        raise EngineConfigError(f"engine {kind!r}: cannot name its model: {exc!r}") from None
+
+
 def parse_engine(value: str | None) -> dict:
     """An --engine option: a type name, inline JSON, or a YAML/JSON file with a 'type' key."""
     if not value:
@@ -118,4 +129,4 @@ def build_engine(config: dict | None) -> Engine:
 
 
 __all__ = ["Engine", "Labels", "EngineConfigError", "build_engine", "check_config",
-           "parse_engine", "DEFAULT_ENGINE"]
+           "parse_engine", "model_name", "DEFAULT_ENGINE"]

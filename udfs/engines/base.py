@@ -79,6 +79,14 @@ class Engine(ABC):
     #: identifies the model in the provenance columns (e.g. "embedding:all-MiniLM-L6-v2")
     model_name: str = "engine"
 
+    @classmethod
+    def name_for(cls, options: dict) -> str | None:
+        """The model_name an engine built with `options` (its config less "type") will have,
+        known without loading anything: the annotate job compares it with the model that
+        labelled each row. None where only a built engine knows (a plugin naming itself at
+        run time); such rows are never redone for their model."""
+        return None if cls.model_name == Engine.model_name else cls.model_name
+
     def count_tokens(self, part: str, prompt: int = 0, cached: int = 0,
                      generated: int = 0) -> None:
         """Add to this engine's token counts for `part` (an attribute's name or "caption")."""

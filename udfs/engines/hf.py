@@ -24,6 +24,14 @@ __all__ = ["TransformersEngine", "label_probabilities"]
 
 
 class TransformersEngine(LabelScoringEngine):
+    @classmethod
+    def name_for(cls, options: dict) -> str:
+        from udfs.engines.models import is_known
+        model = os.fspath(options["model"])
+        if is_known(model) and not os.path.exists(model):
+            return f"transformers:{model}"  # its converted directory has the same name
+        return f"transformers:{Path(model).resolve().name}"
+
     def __init__(self, model: str, device: str = "cpu", batch_size: int = 16,
                  max_prompt_tokens: int = 512, dtype: str = "auto", threads: int | None = None):
         from udfs.engines.models import resolve
@@ -46,7 +54,7 @@ class TransformersEngine(LabelScoringEngine):
         self.device = device
         self.batch_size = batch_size
         self.max_prompt_tokens = max_prompt_tokens
-        self.model_name = f"transformers:{path.resolve().name}"
+        self.model_name = self.name_for({"model": model})
 
     def _encode(self, prompt: str) -> list[int]:
         """Prompt ids, cut from the left (the question sits at the end), keeping a BOS."""

@@ -244,6 +244,10 @@ def default_tokenize_url(base_url: str) -> str:
 
 
 class OpenAIEngine(LabelScoringEngine):
+    @classmethod
+    def name_for(cls, options: dict) -> str:
+        return f"openai:{options['model']}"
+
     def __init__(self, base_url: str, model: str, api_key: str | None = None,
                  concurrency: int = 8, timeout: float = 30, max_retries: int = 3,
                  backoff: float = 0.5, top_logprobs: int = 20, cache_size: int = 10_000,
@@ -259,7 +263,7 @@ class OpenAIEngine(LabelScoringEngine):
         self.max_retries = max_retries
         self.backoff = backoff
         self.top_logprobs = top_logprobs  # accepted for older configs; scoring reads ids
-        self.model_name = f"openai:{model}"
+        self.model_name = self.name_for({"model": model})
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._client = httpx.Client(
             timeout=httpx.Timeout(timeout), headers=headers,

@@ -66,14 +66,26 @@ class StudentError(ValueError):
     """The student cannot label this attribute; the message says why."""
 
 
+def _cards(path) -> list[Path]:
+    root = Path(path)
+    cards = [root] if root.suffix == ".json" else sorted(root.glob("*.json"))
+    if not cards:
+        raise FileNotFoundError(f"no distilled student (*.json) found at {path}")
+    return cards
+
+
 class StudentEngine(Engine):
+    @classmethod
+    def name_for(cls, options: dict) -> str:
+        """student:<attributes>:<teachers>, from the cards alone (no weights loaded)."""
+        cards = [json.loads(c.read_text()) for c in _cards(options["path"])]
+        attributes = sorted(c["attribute"] for c in cards)
+        teachers = sorted({c["teacher"] for c in cards})
+        return f"student:{','.join(attributes)}:{','.join(teachers)}"
+
     def __init__(self, path: str, model_path: str | None = None, batch_size: int = 128,
                  device: str = "cpu", threads: int | None = None):
-        root = Path(path)
-        cards = [root] if root.suffix == ".json" else sorted(root.glob("*.json"))
-        if not cards:
-            raise FileNotFoundError(f"no distilled student (*.json) found at {path}")
-        self.students = {s.attribute: s for s in map(Student.load, cards)}
+        self.students = {s.attribute: s for s in map(Student.load, _cards(path))}
         self.path = str(path)
         self.encoder = EmbeddingEngine(model_path=model_path, batch_size=batch_size,
                                        device=device, threads=threads)
@@ -82,8 +94,7 @@ class StudentEngine(Engine):
                 raise StudentError(f"student {s.attribute!r} was trained on {s.embedding} "
                                    f"embeddings, this engine encodes with "
                                    f"{self.encoder.model_name}")
-        teachers = sorted({s.teacher for s in self.students.values()})
-        self.model_name = f"student:{','.join(sorted(self.students))}:{','.join(teachers)}"
+        self.model_name = self.name_for({"path": path})
 
     def _student(self, attribute: Attribute):
         student = self.students.get(attribute.name)

@@ -171,6 +171,10 @@ class Reaper:
 
 
 class VLLMEngine(LabelScoringEngine):
+    @classmethod
+    def name_for(cls, options: dict) -> str:
+        return f"vllm:{os.fspath(options['model']).rstrip('/').rsplit('/', 1)[-1]}"
+
     def __init__(self, model: str, gpu_memory_utilization: float = 0.9,
                  max_model_len: int | None = None, top_logprobs: int = 20, seed: int = 0,
                  engine_args: dict | None = None):
@@ -185,7 +189,7 @@ class VLLMEngine(LabelScoringEngine):
             raise ValueError(f"the vllm engine reads the model's raw log-probabilities; "
                              f"engine_args.logprobs_mode={mode!r} would change them")
         self._sampling = SamplingParams
-        self.model_name = f"vllm:{os.fspath(model).rstrip('/').rsplit('/', 1)[-1]}"
+        self.model_name = self.name_for({"model": model})
         model = resolve(model)  # a packaged model's name -> its converted directory
         if "block_size" not in engine_args and _on_cpu():
             # vLLM's CPU default (128) leaves a short prompt's KV out of the prefix cache

@@ -1,0 +1,144 @@
+"""Genre quality of several engines side by side, on the same MovieLens items, in one run.
+
+    python -m spark_jobs.compare_engines [--limit 400] [--out artifacts/quality/side_by_side]
+        [--variants minilm,smollm2-vllm,smollm2-transformers,smollm2-vllm-fewshot]
+
+Each variant annotates the first --limit movies (title + user tags, never the genres) with
+one engine and spec, and is scored against the human genres exactly as spark_jobs.evaluate
+scores (strict accuracy, macro-F1, kappa and ECE on single-genre movies; hit rate on all;
+the strict majority baseline). SmolLM2 runs in float32 under both vLLM and transformers, so
+the two can be compared number for number (the report gives their label agreement and the
+largest confidence difference). The few-shot spec's example movies are dropped from every
+variant's items, so no variant is scored on a movie its prompt shows.
+
+Writes <out>/<variant>/ (evaluate's outputs), <out>/side_by_side.json and a Markdown table
+on stdout (docs/QUALITY.md quotes it).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from spark_jobs.evaluate import (MOVIELENS_LABEL_MAP, annotate, evaluate, movielens_genre_items,
+                                 write_outputs)
+from udfs.annotator import clean_columns
+from udfs.spec import load_spec
+
+ROOT = Path(__file__).resolve().parent.parent
+GENRE = ROOT / "specs" / "movielens_genre.yaml"
+FEWSHOT = ROOT / "specs" / "movielens_genre_fewshot.yaml"
+SMOLLM2 = "smollm2-135m-instruct"
+# float32 in both engines: the same numbers, so their agreement is a check, not a hope
+VLLM = {"type": "vllm", "model": SMOLLM2, "max_model_len": 2048, "seed": 0,
+        "gpu_memory_utilization": 0.5, "engine_args": {"dtype": "float32"}}
+TRANSFORMERS = {"type": "transformers", "model": SMOLLM2, "dtype": "float32",
+                "batch_size": 8}
+VARIANTS = {
+    "minilm": ("MiniLM embedding, zero-shot (the default)", GENRE, {"type": "embedding"}),
+    "smollm2-vllm": ("SmolLM2-135M-Instruct via vLLM, zero-shot", GENRE, VLLM),
+    "smollm2-transformers": ("SmolLM2-135M-Instruct via transformers, zero-shot", GENRE,
+                             TRANSFORMERS),
+    "smollm2-vllm-fewshot": ("SmolLM2-135M-Instruct via vLLM, 6-shot", FEWSHOT, VLLM),
+}
+
+
+def example_free_items(limit: int) -> tuple[pd.DataFrame, int]:
+    """The first `limit` movies less any whose text a few-shot prompt shows."""
+    items = movielens_genre_items(limit=limit)
+    shown = {e.text for path in (GENRE, FEWSHOT) for a in load_spec(path).attributes.values()
+             for e in a.examples}
+    texts = clean_columns([items["title"], items["tags"]])
+    keep = ~texts.isin(shown).to_numpy()
+    return items[keep].reset_index(drop=True), int((~keep).sum())
+
+
+def summary_row(name: str, title: str, result: dict) -> dict:
+    s, h, run = result["strict"], result["hit"], result.get("annotation_run", {})
+    return {"variant": name, "engine": title, "model": run.get("model"),
+            "strict_n": s["n"], "strict_accuracy": s["accuracy"], "macro_f1": s["macro_f1"],
+            "kappa": s["kappa"], "strict_ece": s["ece"], "majority_baseline":
+            s["majority_baseline"], "hit_n": h["n"], "hit_rate": h.get("hit_rate"),
+            "hit_ece": h["ece"], "errors": result["annotation_errors"],
+            "rows_per_second": run.get("rows_per_second")}
+
+
+def agreement(a: pd.DataFrame, b: pd.DataFrame, attribute: str) -> dict:
+    both = a.merge(b, on="item_id", suffixes=("_a", "_b"))
+    label, conf = f"{attribute}_label", f"{attribute}_confidence"
+    return {"items": len(both),
+            "labels_equal": float((both[label + "_a"] == both[label + "_b"]).mean()),
+            "max_confidence_difference":
+                float((both[conf + "_a"] - both[conf + "_b"]).abs().max())}
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| engine | strict accuracy | macro-F1 | kappa | strict ECE | hit rate | rows/s |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['engine']} | {r['strict_accuracy']:.3f} | {r['macro_f1']:.3f} | "
+                     f"{r['kappa']:.3f} | {r['strict_ece']:.3f} | {r['hit_rate']:.3f} | "
+                     f"{r['rows_per_second']} |")
+    base = rows[0]
+    lines.append(f"| majority baseline (always the most common strict genre) | "
+                 f"{base['majority_baseline']:.3f} | | 0 | | | |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from spark_jobs.session import quiet
+
+    p = argparse.ArgumentParser(prog="compare_engines", description=__doc__.split("\n\n")[0])
+    p.add_argument("--limit", type=int, default=400, help="the first N movies")
+    p.add_argument("--out", default=str(ROOT / "artifacts" / "quality" / "side_by_side"))
+    p.add_argument("--variants", default=",".join(VARIANTS),
+                   help=f"comma-separated, from {', '.join(VARIANTS)}")
+    p.add_argument("--verbose", action="store_true")
+    args = p.parse_args(argv)
+    quiet(args.verbose)
+    names = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in names if v not in VARIANTS]
+    if unknown or not names:
+        print(f"compare_engines: error: unknown variants {unknown}; choose from "
+              f"{', '.join(VARIANTS)}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    items, dropped = example_free_items(args.limit)
+    truth = pd.DataFrame({"item_id": items["item_id"], "labels": items["genres"]})
+    print(f"[compare] {len(items)} movies ({dropped} shown as few-shot examples dropped)",
+          flush=True)
+    rows, tables, started = [], {}, time.time()
+    for name in names:
+        title, spec_path, engine = VARIANTS[name]
+        attribute = load_spec(spec_path).attribute("genre")
+        print(f"[compare] {name}: {title} ...", flush=True)
+        table, run = annotate(items, attribute, engine, ["title", "tags"])
+        result = evaluate(table, truth, attribute, MOVIELENS_LABEL_MAP)
+        result.update(attribute="genre", attribute_version=attribute.version,
+                      label_map=MOVIELENS_LABEL_MAP, annotation_run=run)
+        write_outputs(result, out / name, "genre")
+        table.to_parquet(out / name / "annotations.parquet", index=False)
+        tables[name] = table
+        rows.append(summary_row(name, title, result))
+        print(f"[compare] {name}: " + json.dumps(rows[-1]), flush=True)
+    report = {"movies": len(items), "dropped_examples": dropped, "rows": rows,
+              "seconds": round(time.time() - started, 1)}
+    if {"smollm2-vllm", "smollm2-transformers"} <= set(tables):
+        report["vllm_vs_transformers"] = agreement(tables["smollm2-vllm"],
+                                                   tables["smollm2-transformers"], "genre")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "side_by_side.json").write_text(json.dumps(report, indent=2))
+    print("\n" + markdown(rows))
+    if "vllm_vs_transformers" in report:
+        print(f"\nvLLM against transformers on the same float32 weights: "
+              f"{json.dumps(report['vllm_vs_transformers'])}")
+    print(f"\nwritten to {out / 'side_by_side.json'} in {report['seconds']} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
