@@ -1,6 +1,9 @@
 """The transformers engine on a tiny local Llama: label scoring, padding, captions, Spark."""
 from __future__ import annotations
 
+import dataclasses
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -8,7 +11,9 @@ import pytest
 import udfs
 from tests.tiny_llm import build_tiny_llm, tiny_llm_dir  # noqa: F401 - session fixture
 from udfs.engines import build_engine, model_name
+from udfs.annotator import annotate_texts
 from udfs.engines.hf import TransformersEngine, label_probabilities
+from udfs.spec import Example
 
 TEXTS = [
     "Alien (1979). Genres: Horror, Sci-Fi",
@@ -82,7 +87,7 @@ def test_long_prompts_are_cut_from_the_left(tiny_llm_dir, spec):
     attribute = spec.attributes["audience"]
     long_text = "A very long synopsis. " * 200
     prompt = attribute.render(long_text)
-    ids = eng._encode(prompt)
+    ids = eng._encode(attribute, prompt)
     full = eng.tokenizer(prompt).input_ids
     assert len(full) > 24 and ids == full[-24:]  # the question at the end survives
     out = eng.classify([long_text], attribute)
@@ -150,3 +155,55 @@ def test_labels_are_scored_as_tokenised_in_context(sentencepiece_llm, spec):
     expected = sum(float(logp[i - 1, full[i]]) for i in range(len(context), len(full)))
     got = eng.label_loglik(["Heat (1995)"], attribute)[0, attribute.labels.index("dark")]
     assert got == pytest.approx(expected, abs=1e-4)
+
+
+def chat_attribute(attribute):
+    """The attribute asked through the chat template, with one few-shot turn."""
+    return dataclasses.replace(attribute, chat=True,
+                               examples=(Example("Heat (1995)", attribute.labels[1]),))
+
+
+def test_a_chat_attribute_scores_the_label_as_the_assistants_answer(sentencepiece_llm, spec):
+    """chat: true renders the question through the model's own template (the few-shot
+    example as a user turn answered by the assistant), and scores each label as the
+    assistant's reply: the same numbers as transformers' own tokenisation of the whole
+    conversation, a BOS once."""
+    import torch
+    eng = TransformersEngine(str(sentencepiece_llm), dtype="float32")
+    tok = eng.tokenizer
+    attribute = chat_attribute(spec.attributes["vibe"])
+    text = "Toy Story (1995)"
+    prompt = eng.prompt(attribute, text)
+    assert prompt.startswith("<s>user:\n") and prompt.endswith("assistant:\n")
+    assert f"assistant:\n{attribute.labels[1]}</s>" in prompt  # the example's answer
+    messages = attribute.messages(text)
+    context = tok.apply_chat_template(messages, add_generation_prompt=True)["input_ids"]
+    assert eng.encoder(attribute)(prompt) == context and context.count(tok.bos_token_id) == 1
+    expected = []
+    for label in attribute.labels:
+        ids = tok.apply_chat_template(messages + [{"role": "assistant", "content": label}],
+                                      continue_final_message=True)["input_ids"]
+        assert ids[:len(context)] == context
+        with torch.inference_mode():
+            logp = eng.model(torch.tensor([ids])).logits[0, :-1].log_softmax(-1)
+        expected.append(sum(float(logp[i - 1, ids[i]]) for i in range(len(context), len(ids))))
+    got = eng.label_loglik([text], attribute)
+    np.testing.assert_allclose(label_probabilities(got),
+                               label_probabilities(np.array([expected])), atol=1e-5)
+    # the plain prompt is another question: its version differs, so tables redo it
+    assert attribute.version != spec.attributes["vibe"].version
+    caption = eng.caption([text], dataclasses.replace(spec.caption, chat=True))
+    assert len(caption) == 1 and isinstance(caption[0], str)
+
+
+def test_a_model_without_a_chat_template_says_so(tmp_path, spec):
+    path = build_tiny_llm(tmp_path / "plain")
+    config = path / "tokenizer_config.json"
+    data = json.loads(config.read_text())
+    data.pop("chat_template", None)
+    config.write_text(json.dumps(data))
+    (path / "chat_template.jinja").unlink(missing_ok=True)
+    eng = TransformersEngine(str(path))
+    out = annotate_texts(eng, chat_attribute(spec.attributes["vibe"]), pd.Series(["Heat"]))
+    assert out["label"].isna().all()
+    assert "chat template (chat: true)" in out["error"][0] and "has none" in out["error"][0]

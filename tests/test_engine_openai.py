@@ -144,6 +144,22 @@ def test_an_unknown_scoring_is_refused():
                       "scoring": "guess"})
 
 
+def test_a_chat_part_is_a_clear_row_error_before_any_request(spec):
+    """The server's chat template is not the engine's to read: chat: true says so per row,
+    without sending a request (the URL below has no server)."""
+    import dataclasses
+    engine = build_engine({"type": "openai", "base_url": "http://127.0.0.1:9/v1", "model": "m",
+                           "max_retries": 0})
+    texts = pd.Series(["Heat (1995)", "Up"])
+    out = annotate_texts(engine, dataclasses.replace(spec.attributes["vibe"], chat=True), texts)
+    assert out["label"].isna().all()
+    assert out["error"].str.contains("chat template .chat: true. but openai:m has no local "
+                                     "tokenizer").all()
+    caps = caption_texts(engine, dataclasses.replace(spec.caption, chat=True), texts)
+    assert caps["caption"].isna().all() and caps["error"].str.contains("chat: true").all()
+    engine.close()
+
+
 # -- the real server, and a fault proxy in front of it ---------------------------------------
 
 class FaultProxy:

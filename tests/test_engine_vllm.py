@@ -14,6 +14,7 @@ tested where it happens, through Spark (tests/test_vllm_spark.py).
 """
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -29,6 +30,7 @@ from udfs.engines.hf import TransformersEngine
 from udfs.engines.prompts import (MalformedOutput, label_continuations, label_nodes,
                                   label_probabilities)
 from udfs.engines.vllm import VLLMEngine, node_logprobs, node_params
+from udfs.spec import Example
 
 TEXTS = [
     "Alien (1979). Genres: Horror, Sci-Fi",
@@ -101,6 +103,22 @@ def test_probabilities_equal_the_transformers_engine(engines, references, spec, 
         assert set(out.labels) <= set(attribute.labels)
         assert out.labels == [attribute.labels[i] for i in expected.argmax(axis=1)]
         np.testing.assert_allclose(out.confidences, expected.max(axis=1), atol=1e-4)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_chat_prompts_equal_the_transformers_engine(engines, references, spec, family):
+    """chat: true goes through the model's chat template in both engines (vLLM's tokenizer
+    applies the same template, the BOS once): the same probabilities and captions."""
+    engine, reference = engines(family), references[family]
+    attribute = dataclasses.replace(spec.attributes["vibe"], chat=True, examples=(
+        Example("Heat (1995)", spec.attributes["vibe"].labels[1]),))
+    assert engine.prompt(attribute, TEXTS[0]) == reference.prompt(attribute, TEXTS[0])
+    assert engine.prompt(attribute, TEXTS[0]).endswith("assistant:\n")
+    np.testing.assert_allclose(label_probabilities(engine.label_loglik(TEXTS, attribute)),
+                               label_probabilities(reference.label_loglik(TEXTS, attribute)),
+                               atol=1e-4)
+    caption = dataclasses.replace(spec.caption, chat=True)
+    assert engine.caption(TEXTS, caption) == reference.caption(TEXTS, caption)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

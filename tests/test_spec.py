@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 
 from udfs.spec import SpecError, load_spec, parse_spec
@@ -39,6 +41,8 @@ def test_version_follows_content():
     (lambda d: d["attributes"]["vibe"].update(examples=[{"text": "t", "label": "zzz"}]),
      "attributes.vibe.examples[0].label"),
     (lambda d: d["caption"].update(max_tokens=0), "caption.max_tokens"),
+    (lambda d: d.update(chat="yes"), "chat"),
+    (lambda d: d["attributes"]["vibe"].update(chat=1), "attributes.vibe.chat"),
     (lambda d: d.update(attributes={}), "attributes"),
     (lambda d: d["attributes"].update({"bad-name": {"labels": {"a": "x", "b": "y"}}}),
      "attributes.bad-name"),
@@ -72,3 +76,23 @@ def test_render_includes_examples_and_labels(spec):
     prompt = vibe.render("Heat (1995)")
     assert prompt.index("The Exorcist") < prompt.index("Heat (1995)")
     assert "dark, light-hearted" in prompt and prompt.endswith("Answer:")
+
+
+def test_chat_is_per_spec_or_per_part_and_part_of_the_version():
+    plain = parse_spec(base())
+    data = base()
+    data["chat"] = True
+    data["attributes"]["vibe"]["chat"] = False  # a part may opt out
+    chat = parse_spec(data)
+    assert not plain.attributes["vibe"].chat and not plain.caption.chat
+    assert not chat.attributes["vibe"].chat and chat.caption.chat
+    assert chat.attributes["vibe"].version == plain.attributes["vibe"].version
+    assert chat.caption.version != plain.caption.version
+    data["attributes"]["vibe"]["chat"] = True
+    data["attributes"]["vibe"]["examples"] = [{"text": "Heat", "label": "dark"}]
+    vibe = parse_spec(data).attributes["vibe"]
+    turns = vibe.messages("Up")
+    assert [t["role"] for t in turns] == ["user", "assistant", "user"]
+    question = dataclasses.replace(vibe, examples=()).render  # the question, no shots
+    assert turns[0]["content"] == question("Heat") and turns[1]["content"] == "dark"
+    assert turns[2]["content"] == question("Up")

@@ -20,6 +20,11 @@ from udfs.spec import load_spec
 
 SPEC = Path(__file__).resolve().parents[1] / "specs" / "movielens.yaml"
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
+# A chat template of the usual shape (the BOS written by the template, a generation prompt
+# that opens the assistant's turn), for specs that set `chat: true`.
+CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{{ m['role'] }}:\n{{ m['content'] }}"
+                 "{{ eos_token }}\n{% endfor %}{% if add_generation_prompt %}assistant:\n"
+                 "{% endif %}")
 
 _TITLES = ["The Dark Knight", "Toy Story", "Pride and Prejudice", "Alien", "Amelie",
            "The Godfather", "Finding Nemo", "Heat", "Casablanca", "Spirited Away",
@@ -78,9 +83,11 @@ def train_tokenizer(family: str = "bpe", max_token_length: int | None = None):
             single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tok.token_to_id("<s>"))])
     else:
         raise ValueError(f"unknown tokenizer family {family!r}")
-    return PreTrainedTokenizerFast(
+    tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
         unk_token="<unk>")
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
 
 
 def build_tiny_llm(path: str | Path, seed: int = 0, family: str = "bpe",

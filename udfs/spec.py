@@ -48,6 +48,7 @@ class Attribute:
     prompt: str = DEFAULT_PROMPT
     examples: tuple[Example, ...] = ()
     description: str = ""
+    chat: bool = False  # through the model's chat template (udfs.engines.prompts)
 
     @property
     def version(self) -> str:
@@ -55,15 +56,25 @@ class Attribute:
             "name": self.name, "labels": list(self.labels),
             "definitions": list(self.definitions), "prompt": self.prompt,
             "examples": [[e.text, e.label] for e in self.examples],
+            **({"chat": True} if self.chat else {}),  # absent: the versions specs had
         })
+
+    def _question(self, text: str) -> str:
+        return self.prompt.format(text=text, attribute=self.name, labels=", ".join(self.labels))
 
     def render(self, text: str) -> str:
         """The prompt for one item, few-shot examples first."""
-        shots = "".join(
-            self.prompt.format(text=e.text, attribute=self.name, labels=", ".join(self.labels))
-            + f" {e.label}\n\n" for e in self.examples)
-        return shots + self.prompt.format(
-            text=text, attribute=self.name, labels=", ".join(self.labels))
+        shots = "".join(self._question(e.text) + f" {e.label}\n\n" for e in self.examples)
+        return shots + self._question(text)
+
+    def messages(self, text: str) -> list[dict]:
+        """The chat for one item: each few-shot example a user turn answered by its label,
+        then the item's question."""
+        turns = []
+        for e in self.examples:
+            turns += [{"role": "user", "content": self._question(e.text)},
+                      {"role": "assistant", "content": e.label}]
+        return turns + [{"role": "user", "content": self._question(text)}]
 
 
 @dataclass(frozen=True)
@@ -72,14 +83,19 @@ class Caption:
     max_tokens: int = 16
     descriptors: tuple[str, ...] = ()
     top_k: int = 4
+    chat: bool = False
 
     @property
     def version(self) -> str:
         return _version({"prompt": self.prompt, "max_tokens": self.max_tokens,
-                         "descriptors": list(self.descriptors), "top_k": self.top_k})
+                         "descriptors": list(self.descriptors), "top_k": self.top_k,
+                         **({"chat": True} if self.chat else {})})
 
     def render(self, text: str) -> str:
         return self.prompt.format(text=text)
+
+    def messages(self, text: str) -> list[dict]:
+        return [{"role": "user", "content": self.render(text)}]
 
 
 @dataclass(frozen=True)
@@ -162,6 +178,7 @@ def parse_spec(data: dict, source: str = "") -> Spec:
     attrs_raw = data.get("attributes")
     _require(isinstance(attrs_raw, dict) and attrs_raw, "attributes",
              "must be a non-empty mapping of attribute name -> definition")
+    chat = _flag(data.get("chat", False), "chat")
     attributes = {}
     for name, body in attrs_raw.items():
         where = f"attributes.{name}"
@@ -205,7 +222,8 @@ def parse_spec(data: dict, source: str = "") -> Spec:
             name=name, labels=tuple(labels),
             definitions=tuple(str(d).strip() for _, d in pairs),
             prompt=prompt, examples=tuple(examples),
-            description=str(body.get("description", "")))
+            description=str(body.get("description", "")),
+            chat=_flag(body.get("chat", chat), f"{where}.chat"))
     caption = None
     cap_raw = data.get("caption")
     if cap_raw is not None:
@@ -221,10 +239,16 @@ def parse_spec(data: dict, source: str = "") -> Spec:
         _require(isinstance(descriptors, list) and all(isinstance(d, str) for d in descriptors),
                  "caption.descriptors", "must be a list of strings")
         caption = Caption(prompt=prompt, max_tokens=max_tokens,
-                          descriptors=tuple(descriptors), top_k=top_k)
+                          descriptors=tuple(descriptors), top_k=top_k,
+                          chat=_flag(cap_raw.get("chat", chat), "caption.chat"))
     return Spec(attributes=attributes, caption=caption,
                 semantic_id=_semantic_id(data.get("semantic_id", None), "semantic_id" in data),
                 name=str(data.get("name", Path(source).stem if source else "spec")), source=source)
+
+
+def _flag(value, where: str) -> bool:
+    _require(isinstance(value, bool), where, f"must be true or false, not {value!r}")
+    return value
 
 
 def _semantic_id(raw, present: bool) -> SemanticId | None:

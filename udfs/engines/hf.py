@@ -16,8 +16,8 @@ from typing import Sequence
 
 import numpy as np
 
-from udfs.engines.prompts import (LabelScoringEngine, label_continuations, label_probabilities,
-                                  truncate_left)
+from udfs.engines.prompts import (LabelScoringEngine, answer_separator, label_continuations,
+                                  label_probabilities, truncate_left)
 from udfs.spec import Attribute, Caption
 
 __all__ = ["TransformersEngine", "label_probabilities"]
@@ -56,9 +56,9 @@ class TransformersEngine(LabelScoringEngine):
         self.max_prompt_tokens = max_prompt_tokens
         self.model_name = self.name_for({"model": model})
 
-    def _encode(self, prompt: str) -> list[int]:
+    def _encode(self, part, prompt: str) -> list[int]:
         """Prompt ids, cut from the left (the question sits at the end), keeping a BOS."""
-        return truncate_left(self.tokenizer(prompt).input_ids, self.max_prompt_tokens,
+        return truncate_left(self.encoder(part)(prompt), self.max_prompt_tokens,
                              self.tokenizer.bos_token_id)
 
     def _left_pad(self, rows: list[list[int]]):
@@ -76,7 +76,8 @@ class TransformersEngine(LabelScoringEngine):
         rows = []
         for text in texts:
             context, continuations = label_continuations(
-                lambda s: self.tokenizer(s).input_ids, attribute.render(text), attribute.labels)
+                self.encoder(attribute), self.prompt(attribute, text), attribute.labels,
+                answer_separator(attribute))
             context = truncate_left(context, self.max_prompt_tokens, self.tokenizer.bos_token_id)
             rows.extend((context + ids, len(ids)) for ids in continuations)
         self.count_tokens(attribute.name, prompt=sum(len(r) for r, _ in rows))
@@ -101,7 +102,7 @@ class TransformersEngine(LabelScoringEngine):
     def caption(self, texts: Sequence[str], caption: Caption) -> list[str]:
         torch = self._torch
         out: list[str] = []
-        prompts = [self._encode(caption.render(t)) for t in texts]
+        prompts = [self._encode(caption, self.prompt(caption, t)) for t in texts]
         for start in range(0, len(prompts), self.batch_size):
             ids, mask = self._left_pad(prompts[start:start + self.batch_size])
             with torch.inference_mode():

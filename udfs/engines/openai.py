@@ -373,7 +373,8 @@ class OpenAIEngine(LabelScoringEngine):
                     else self._loglik_prompt_logprobs)
 
         def one(i: int) -> np.ndarray:
-            return one_text(attribute.name, attribute.render(texts[i]), attribute.labels)
+            # a chat part raises ChatTemplateError: the server's template is not ours to read
+            return one_text(attribute.name, self.prompt(attribute, texts[i]), attribute.labels)
 
         rows = self._map([("label", self.scoring, attribute.version, t) for t in texts], one)
         return np.array(rows, dtype=np.float64).reshape(len(texts), len(attribute.labels))
@@ -382,7 +383,7 @@ class OpenAIEngine(LabelScoringEngine):
         body = caption_request(caption)
 
         def one(i: int) -> str:
-            reply = self._complete("caption", {**body, "prompt": caption.render(texts[i])})
+            reply = self._complete("caption", {**body, "prompt": self.prompt(caption, texts[i])})
             return _first_choice(reply)["text"].strip()
 
         return self._map([("caption", caption.version, t) for t in texts], one)

@@ -2,8 +2,8 @@
 
 Every generative engine (transformers, vllm, openai) gives the same answer for the same model:
 a label's score is the summed log-probability of the tokens of " " + label after the rendered
-prompt, and a softmax over the labels gives the distribution; the answer is its argmax and
-the confidence its probability.
+prompt (of the label alone after a chat-template prompt), and a softmax over the labels gives
+the distribution; the answer is its argmax and the confidence its probability.
 
 The tokens are the model's own, taken in context: `label_continuations` tokenises
 prompt + " " + label with the model's tokenizer and keeps what follows the part all labels
@@ -28,6 +28,16 @@ class MalformedOutput(ValueError):
     """A model reply that lacks what we asked for (a row error, never a guess)."""
 
 
+class ChatTemplateError(ValueError):
+    """The spec asks for the chat template (`chat: true`) and the engine cannot apply one."""
+
+
+def answer_separator(part: Attribute | Caption) -> str:
+    """What comes between a prompt and a label: a space after a plain prompt ("Answer:
+    Comedy"); nothing after a chat prompt, where the assistant's turn starts afresh."""
+    return "" if part.chat else " "
+
+
 def label_probabilities(loglik: np.ndarray) -> np.ndarray:
     """Softmax over labels (axis 1) of per-label summed log-likelihoods."""
     z = loglik - loglik.max(axis=1, keepdims=True)
@@ -36,7 +46,32 @@ def label_probabilities(loglik: np.ndarray) -> np.ndarray:
 
 
 class LabelScoringEngine(Engine):
-    """A generative engine: labels from `label_loglik`, the same way for every backend."""
+    """A generative engine: labels from `label_loglik`, the same way for every backend.
+
+    A part (attribute or caption) whose spec sets `chat: true` is rendered as chat messages
+    through the model's own chat template, ready for the assistant's answer; `self.tokenizer`
+    (a transformers tokenizer, as vLLM's get_tokenizer() also gives) applies it."""
+
+    tokenizer = None  # engines with the model's tokenizer set it
+
+    def prompt(self, part: Attribute | Caption, text: str) -> str:
+        if not part.chat:
+            return part.render(text)
+        template = getattr(self.tokenizer, "chat_template", None)
+        if not template:
+            raise ChatTemplateError(
+                f"the spec asks for the chat template (chat: true) but {self.model_name} "
+                + ("has none" if self.tokenizer is not None else
+                   "has no local tokenizer to apply it; use the transformers or vllm engine, "
+                   "or drop chat: true and write the template into the prompt"))
+        return self.tokenizer.apply_chat_template(part.messages(text), tokenize=False,
+                                                  add_generation_prompt=True)
+
+    def encoder(self, part: Attribute | Caption) -> Callable[[str], list[int]]:
+        """Text -> ids as the model reads this part's prompts: a plain prompt gets the
+        tokenizer's special tokens (BOS); a chat prompt none, its template wrote them."""
+        special = not part.chat
+        return lambda s: list(self.tokenizer.encode(s, add_special_tokens=special))
 
     def label_loglik(self, texts: Sequence[str], attribute: Attribute) -> np.ndarray:
         """Summed log-likelihood of each label after each text's prompt: [texts, labels]."""
@@ -59,7 +94,8 @@ def _common_prefix(seqs: Sequence[Sequence[int]]) -> int:
 
 
 def label_continuations(encode: Callable[[str], Sequence[int]], prompt: str,
-                        labels: Sequence[str]) -> tuple[list[int], list[list[int]]]:
+                        labels: Sequence[str], sep: str = " "
+                        ) -> tuple[list[int], list[list[int]]]:
     """(context ids, each label's continuation ids), tokenised in context.
 
     encode: the model's tokenizer, text -> ids, special tokens (BOS) included as for a prompt.
@@ -68,9 +104,9 @@ def label_continuations(encode: Callable[[str], Sequence[int]], prompt: str,
     but as "▁", "▁dark" on its own). The context is the longest prefix shared by the prompt's
     and every label's ids: normally the prompt's ids; shorter if a label merges into the
     prompt's last token, in which case the probability of the shared part is common to all
-    labels and cancels in the softmax.
+    labels and cancels in the softmax. sep: see answer_separator.
     """
-    full = [list(encode(f"{prompt} {label}")) for label in labels]
+    full = [list(encode(f"{prompt}{sep}{label}")) for label in labels]
     n = _common_prefix([list(encode(prompt)), *full])
     continuations = [ids[n:] for ids in full]
     for label, ids in zip(labels, continuations):
@@ -96,14 +132,15 @@ def label_nodes(context: Sequence[int], continuations: Sequence[Sequence[int]]) 
 
 def score_labels(encode: Callable[[str], Sequence[int]], prompts: Sequence[str],
                  labels: Sequence[str],
-                 run: Callable[[list[Node]], list[dict[int, float]]]) -> np.ndarray:
+                 run: Callable[[list[Node]], list[dict[int, float]]],
+                 sep: str = " ") -> np.ndarray:
     """Summed log-likelihood of each label after each prompt: [prompts, labels].
 
     run: for distinct trie nodes, the log-probabilities of their children (one engine
     call). The roots go in one call, the deeper nodes in a second, which finds the roots'
     KV blocks in the prefix cache.
     """
-    tries = [label_continuations(encode, p, labels) for p in prompts]
+    tries = [label_continuations(encode, p, labels, sep) for p in prompts]
     children: dict[tuple[int, ...], dict[int, None]] = {}  # merged over prompts, in order
     for context, conts in tries:
         for prefix, tokens in label_nodes(context, conts):

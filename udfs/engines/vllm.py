@@ -43,8 +43,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from udfs.engines.models import resolve
-from udfs.engines.prompts import (LabelScoringEngine, MalformedOutput, Node, caption_request,
-                                  score_labels)
+from udfs.engines.prompts import (LabelScoringEngine, MalformedOutput, Node, answer_separator,
+                                  caption_request, score_labels)
 from udfs.spec import Attribute, Caption
 
 log = logging.getLogger(__name__)
@@ -219,13 +219,19 @@ class VLLMEngine(LabelScoringEngine):
                 [self._sampling(**node_params(children)) for _, children in nodes])
             return [node_logprobs(out, children) for out, (_, children) in zip(outputs, nodes)]
 
-        return score_labels(self.tokenizer.encode, [attribute.render(t) for t in texts],
-                            attribute.labels, run)
+        return score_labels(self.encoder(attribute), [self.prompt(attribute, t) for t in texts],
+                            attribute.labels, run, answer_separator(attribute))
 
     def caption(self, texts: Sequence[str], caption: Caption) -> list[str]:
-        params = self._sampling(**caption_request(caption))
-        outputs = self._generate("caption", [caption.render(t) for t in texts], params)
-        return [o.outputs[0].text.strip() for o in outputs]
+        # Decoded here, once, as the transformers engine decodes: vLLM's incremental
+        # detokenizer holds back a trailing incomplete UTF-8 sequence, which would make
+        # the same tokens another caption.
+        params = self._sampling(**caption_request(caption), detokenize=False)
+        encode = self.encoder(caption)  # ids, as vLLM would tokenise a plain prompt
+        outputs = self._generate("caption", [{"prompt_token_ids": encode(self.prompt(caption, t))}
+                                             for t in texts], params)
+        return [self.tokenizer.decode(o.outputs[0].token_ids, skip_special_tokens=True).strip()
+                for o in outputs]
 
     def close(self) -> None:
         llm, self.llm = self.llm, None
