@@ -128,6 +128,40 @@ def test_transformers_engine_by_name_classifies(smollm2_engine, spec, monkeypatc
     assert isinstance(caption, str) and caption
 
 
+def test_an_annotate_run_with_the_packaged_llm_and_its_chat_template(smollm2_dir, spark, spec,
+                                                                     tmp_path):
+    """The annotate job on a few items with the real instruct model, the vibe asked through
+    its chat template: labels in the set, real captions, the model in the provenance."""
+    import pandas as pd
+
+    from spark_jobs import annotate
+    from udfs.table import read_latest
+
+    chat = dataclasses.replace(spec.attributes["vibe"], chat=True)
+    engine = build_engine({"type": "transformers", "model": str(smollm2_dir)})
+    prompt = engine.prompt(chat, "Heat (1995)")
+    engine.close()
+    assert prompt.startswith("<|im_start|>system\n")  # the template's own system turn
+    question = chat.messages("Heat (1995)")[-1]["content"]
+    assert prompt.endswith(f"<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n")
+    assert prompt.count("<|im_start|>assistant\n") == len(chat.examples) + 1  # shots as turns
+    small = dataclasses.replace(spec.restricted(["vibe", "audience", "caption"]),
+                                attributes={"vibe": chat, "audience": spec.attributes["audience"]},
+                                caption=dataclasses.replace(spec.caption, max_tokens=6))
+    items = spark.createDataFrame(pd.DataFrame({
+        "film": ["m1", "m2", "m3"], "title": ["Heat (1995)", "Toy Story (1995)", "Alien (1979)"]}))
+    report = annotate.run(spark, small, items, str(tmp_path / "t"), id_column="film",
+                          text_columns=["title"], engine={"type": "transformers",
+                                                          "model": str(smollm2_dir)})
+    assert report["rows_written"] == 3 and report["rows_with_errors"] == 0
+    assert report["parts"]["vibe"]["prompt_tokens"] > 0
+    table = read_latest(str(tmp_path / "t"), small)[0]
+    assert table["vibe_label"].isin(chat.labels).all()
+    assert table["audience_label"].isin(spec.attributes["audience"].labels).all()
+    assert table["caption"].map(lambda c: isinstance(c, str) and c.strip() != "").all()
+    assert table["model"].eq(f"transformers:{SMOLLM2}").all()
+
+
 def test_check_config_accepts_names_without_converting(fresh_cache):
     for config in ({"type": "transformers", "model": SMOLLM2},
                    {"type": "vllm", "model": SMOLLM2},
