@@ -17,6 +17,8 @@ $(VENV)/.installed: setup.py constraints-cpu.txt spark_jobs/log4j2.properties
 	# Spark's console log at WARN: spark-submit and the jobs print progress, not INFO lines
 	conf=$$($(PY) -c 'import os, pyspark; print(os.path.join(os.path.dirname(pyspark.__file__), "conf"))') && \
 	  mkdir -p "$$conf" && cp spark_jobs/log4j2.properties "$$conf/"
+	# the embedded default's ONNX export, once, here: Spark workers then never import torch
+	$(PY) -c 'from udfs.engines.models import resolve; resolve("all-minilm-l6-v2-onnx")'
 	touch $@
 
 venv: $(VENV)/.installed

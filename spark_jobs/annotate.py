@@ -51,7 +51,7 @@ from pyspark.sql.types import StructType
 from udfs import register
 from udfs import schema as S
 from udfs import semantic_ids
-from udfs.engines import (DEFAULT_ENGINE, EngineConfigError, check_config, model_name,
+from udfs.engines import (DEFAULT_ENGINE, EngineConfigError, check_config, label_models,
                           parse_engine)
 from udfs.functions import TokenCountsParam
 from udfs.schema import AnnotationSchema, SchemaError, id_type_of
@@ -173,17 +173,20 @@ def project(history: DataFrame, table: AnnotationSchema) -> DataFrame:
 def reason(part: str, table: AnnotationSchema, full: bool, models: dict | None = None):
     """Why `part` must be annotated for a row (null: it can be reused).
 
-    models: {routing tier: the model_name this run's engine for that tier has}; a row
-    labelled by another model has its engine's parts redone ("engine"). A tier missing
-    or None (a model only known once built), or a row whose model is unknown, is kept.
+    models: {routing tier: the model names whose labels this run's engine for that tier
+    reproduces (Engine.same_labels)}; a row labelled by another model has its engine's
+    parts redone ("engine"). A tier missing or None (a model only known once built), or a
+    row whose model is unknown, is kept.
     The semantic ID is the embedder's, versioned by its quantiser, so no model applies."""
     p = lambda name: F.col(PREV + name)  # noqa: E731
-    expected = F.lit(None).cast("string")
-    for tier, name in (models or {}).items():
-        if name is not None:
-            expected = F.when(p(S.LABELLED_BY) == tier, F.lit(name)).otherwise(expected)
-    other_model = (F.lit(part != S.SEMANTIC_ID) & p(S.MODEL).isNotNull()
-                   & expected.isNotNull() & (p(S.MODEL) != expected))
+    other_model = F.lit(False)
+    for tier, names in (models or {}).items():
+        if names:
+            if isinstance(names, str):
+                names = [names]
+            other_model = F.when(p(S.LABELLED_BY) == tier,
+                                 ~p(S.MODEL).isin(*names)).otherwise(other_model)
+    other_model = F.lit(part != S.SEMANTIC_ID) & p(S.MODEL).isNotNull() & other_model
     return (F.when(F.lit(full), "full")
             .when(p(table.id_column).isNull(), "new")
             .when(~p(S.CONTENT_HASH).eqNullSafe(F.col(S.CONTENT_HASH)), "content")
@@ -478,11 +481,11 @@ def _query(spark, spec, frame, query, engine, fail_on_error, engine_seconds,
 
 
 def _tier_models(engine: dict, routing: Routing | None) -> dict:
-    """{tier: the model_name its engine will have}; without routing every row, whatever
-    tier labelled it before, goes to the main engine."""
+    """{tier: the model names whose labels its engine reproduces, its own first}; without
+    routing every row, whatever tier labelled it before, goes to the main engine."""
     try:
-        head = model_name(engine)
-        return {"head": head, "tail": model_name(routing.engine) if routing else head}
+        head = label_models(engine)
+        return {"head": head, "tail": label_models(routing.engine) if routing else head}
     except EngineConfigError as exc:
         raise JobError(str(exc)) from None
 

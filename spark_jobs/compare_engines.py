@@ -1,8 +1,9 @@
 """Genre quality of several engines side by side, on the same MovieLens items, in one run.
 
     python -m spark_jobs.compare_engines [--limit 1000] [--out artifacts/quality/side_by_side]
-        [--variants minilm,smollm2-vllm,smollm2-transformers,smollm2-vllm-fewshot]
-        [--distill-head 600]
+        [--variants minilm,smollm2-vllm,smollm2-transformers,smollm2-vllm-fewshot,
+                    smollm2-vllm-chat,smollm2-vllm-fewshot-chat]
+        [--distill-head 600] [--distill-from smollm2-vllm]
 
 Each variant annotates the first --limit movies (title + user tags, never the genres) with
 one engine and spec, and is scored against the human genres exactly as spark_jobs.evaluate
@@ -10,13 +11,14 @@ scores (strict accuracy, macro-F1, kappa and ECE on single-genre movies; hit rat
 the strict majority baseline). SmolLM2 runs in float32 under both vLLM and transformers, so
 the two can be compared number for number (the report gives their label agreement and the
 largest confidence difference). The chat variants put the same questions through the model's
-chat template (`chat: true`; the few-shot examples as earlier turns). The few-shot spec's example movies are dropped from every
-variant's items, so no variant is scored on a movie its prompt shows.
+chat template (`chat: true`; the few-shot examples as earlier turns). The few-shot spec's
+example movies are dropped from every variant's items, so no variant is scored on a movie
+its prompt shows.
 
 Distillation as the seeds do it (teacher: --distill-from, the smollm2-vllm variant by
-default): the teacher's labels of the --distill-head most popular of these movies (by MovieLens ratings) train the student
-(spark_jobs.distill: logistic regression on MiniLM embeddings), which labels the rest, the
-tail. The report gives the student's agreement with its teacher on the tail, both against
+default): the teacher's labels of the --distill-head most popular of these movies (by
+MovieLens ratings) train the student (spark_jobs.distill: logistic regression on MiniLM
+embeddings), which labels the rest, the tail. The report gives the student's agreement with its teacher on the tail, both against
 the human genres on the tail, and the LLM time the student saved there.
 
 Writes <out>/<variant>/ (evaluate's outputs), <out>/side_by_side.json and a Markdown table

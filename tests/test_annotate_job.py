@@ -388,7 +388,7 @@ def test_switching_engines_reannotates_unless_kept(spark, tmp_path, tiny_llm_dir
     embedder = {"type": "embedding"}
     annotate.run(spark, spec, items, out, **opts)
     before = latest(out)
-    assert before["model"].eq("embedding:all-MiniLM-L6-v2").all()
+    assert before["model"].eq("embedding:all-MiniLM-L6-v2-onnx").all()
 
     kept = annotate.run(spark, spec, items, out, engine=llm, embed_engine=embedder,
                         keep_other_models=True, **opts)

@@ -91,7 +91,7 @@ def test_student_engine_labels_texts(student):
     out = student.classify(texts, GENRE)
     assert len(out.labels) == 2 and set(out.labels) <= set(GENRE.labels)
     assert all(1 / len(GENRE.labels) < c <= 1 for c in out.confidences)
-    assert student.model_name == "student:genre:embedding:all-MiniLM-L6-v2"
+    assert student.model_name == "student:genre:embedding:all-MiniLM-L6-v2-onnx"
     assert model_name({"type": "student", "path": student.path}) == student.model_name
 
 

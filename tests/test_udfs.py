@@ -36,7 +36,7 @@ def test_annotate_and_caption_from_sql(spark, spec, items_view):
     assert ok["label"].isin(spec.attributes["vibe"].labels).all()
     assert ok["confidence"].between(0, 1).all()
     assert (ok["version"] == spec.attributes["vibe"].version).all()
-    assert (ok["model"] == "embedding:all-MiniLM-L6-v2").all()
+    assert (ok["model"] == "embedding:all-MiniLM-L6-v2-onnx").all()
     aud = [r["label"] for r in out["audience"]]
     assert set(a for a in aud if a) <= set(spec.attributes["audience"].labels)
     caps = out["cap"].tolist()

@@ -94,6 +94,15 @@ def model_name(config: dict | None) -> str | None:
         raise EngineConfigError(f"engine {kind!r}: cannot name its model: {exc!r}") from None
 
 
+def label_models(config: dict | None) -> list[str] | None:
+    """The model names whose labels the engine `config` would reproduce (model_name first),
+    or None where only the built engine knows its name."""
+    name = model_name(config)
+    if name is None:
+        return None
+    return _load(dict(config or DEFAULT_ENGINE).get("type")).same_labels(name)
+
+
 def parse_engine(value: str | None) -> dict:
     """An --engine option: a type name, inline JSON, or a YAML/JSON file with a 'type' key."""
     if not value:

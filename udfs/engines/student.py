@@ -84,13 +84,15 @@ class StudentEngine(Engine):
         return f"student:{','.join(attributes)}:{','.join(teachers)}"
 
     def __init__(self, path: str, model_path: str | None = None, batch_size: int = 128,
-                 device: str = "cpu", threads: int | None = None):
+                 device: str = "cpu", threads: int | None = None, backend: str | None = None,
+                 quantize: str | None = None):
         self.students = {s.attribute: s for s in map(Student.load, _cards(path))}
         self.path = str(path)
         self.encoder = EmbeddingEngine(model_path=model_path, batch_size=batch_size,
-                                       device=device, threads=threads)
+                                       device=device, threads=threads, backend=backend,
+                                       quantize=quantize)
         for s in self.students.values():
-            if s.embedding != self.encoder.model_name:
+            if s.embedding not in self.encoder.same_labels(self.encoder.model_name):
                 raise StudentError(f"student {s.attribute!r} was trained on {s.embedding} "
                                    f"embeddings, this engine encodes with "
                                    f"{self.encoder.model_name}")
