@@ -115,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--limit", type=int, default=None, help="annotate only the first N items")
     p.add_argument("--users", type=int, default=3, help="users to rank for at the end")
+    p.add_argument("--verbose", action="store_true",
+                   help="Feast's and the gate's INFO logs, and the annotate job's")
     p.add_argument("--engine", choices=["embedding", *LLM_ENGINES], default="embedding",
                    help="embedding: the embedded default for every item; smollm2: the "
                         "packaged LLM through vLLM for the most popular items")
@@ -140,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
                       "--conf", f"spark.pyspark.python={sys.executable}",
                       ROOT / "spark_jobs" / "annotate.py", "--spec", SPEC, "--input", items,
                       "--output", annotations, "--timestamp-column", "event_timestamp",
-                      "--report", ART / "reports" / "annotate.json", *routed])
+                      "--report", ART / "reports" / "annotate.json", *routed,
+                      *(["--verbose"] if args.verbose else [])])
     step("features", [sys.executable, "-m", "spark_jobs.build_features", "--ratings", RATINGS,
                       "--annotations", annotations, "--out", data])
     gate_rc = step("gate", [sys.executable, "-m", "spark_jobs.validate", "--repo", REPO,
@@ -148,9 +151,12 @@ def main(argv: list[str] | None = None) -> int:
     if gate_rc != 0:
         raise SystemExit("demo stopped: the data-quality gate refused the annotations; "
                          f"see {ART / 'reports'}")
-    step("feast apply", [BIN / "feast", "apply"], cwd=REPO)
+    # Feast logs every view's progress at INFO (the gate's per-view timings too): the
+    # verdicts and refusals are warnings and errors, the summary below says the rest
+    feast = [BIN / "feast", "--log-level", "INFO" if args.verbose else "WARNING"]
+    step("feast apply", [*feast, "apply"], cwd=REPO)
     end = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
-    step("feast materialize (gated)", [BIN / "feast", "materialize", "1990-01-01T00:00:00", end],
+    step("feast materialize (gated)", [*feast, "materialize", "1990-01-01T00:00:00", end],
          cwd=REPO)
     step("train", [sys.executable, "-m", "spark_jobs.train_ranker", "--repo", REPO,
                    "--ratings", RATINGS, "--spec", SPEC, "--out", ART / "ranker"])

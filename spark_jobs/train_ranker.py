@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -79,7 +80,12 @@ def interactions(ratings_path: str | Path, max_users: int | None = None,
 def historical_features(store, entity_df: pd.DataFrame, features: FeatureSet) -> pd.DataFrame:
     """Point-in-time feature rows for each interaction, in a stable order."""
     refs = features.item_refs() + features.user_refs()
-    rows = store.get_historical_features(entity_df=entity_df, features=refs).to_df()
+    with warnings.catch_warnings():
+        # Feast's DuckDB store calls an ibis method that warns on every query; nothing a
+        # user of this job can act on
+        warnings.filterwarnings("ignore", message=r"fetch_arrow_table\(\) is deprecated",
+                                category=DeprecationWarning)
+        rows = store.get_historical_features(entity_df=entity_df, features=refs).to_df()
     return rows.sort_values(["user_id", "event_timestamp", "item_id"], kind="stable",
                             ignore_index=True)
 
