@@ -74,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads for training (1 is steadier on a shared, loaded CPU)")
     p.add_argument("--out", default=str(ROOT / "artifacts" / "quality" / "finetune"))
     p.add_argument("--keep-models", action="store_true")
     p.add_argument("--verbose", action="store_true")
@@ -90,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         target = out / f"n{n}"
         shutil.rmtree(target, ignore_errors=True)
         hp = finetune.Hyper(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
-                            seed=args.seed)
+                            seed=args.seed, threads=args.threads)
         card = finetune.run(str(SPEC), "genre", labels, text_items, ["title", "tags"], target,
                             args.model, hp, args.holdout, max_train=n,
                             max_heldout=args.heldout, evaluate_with=args.eval_engine,
