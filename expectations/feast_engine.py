@@ -371,13 +371,21 @@ def spark_session(repo_config, engine_conf: dict | None = None):
 
     active = SparkSession.getActiveSession()
     if active is not None:
-        return active
+        return _classic(active)
     conf = dict(getattr(repo_config.offline_store, "spark_conf", None) or {})
     conf.update(engine_conf or {})
     if conf.get("spark.master", "local").startswith("local"):
         # local mode: the Python workers that write must run this interpreter (it has feast)
         os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
-    return SparkSession.builder.config(conf=SparkConf().setAll(list(conf.items()))).getOrCreate()
+    return _classic(SparkSession.builder.config(
+        conf=SparkConf().setAll(list(conf.items()))).getOrCreate())
+
+
+def _classic(session):
+    from udfs.connect import require_classic
+    require_classic(session, "the gate's Spark path (Feast's Spark offline store and compute "
+                    "engine)", "Feast drives Spark through the SparkContext")
+    return session
 
 
 class _LocalRunner:

@@ -26,6 +26,11 @@ an annotate_all(...) column, or one column per attribute named after it
 semantic_id`. A WHERE clause is fine: rows it does not select keep their previous annotation,
 or stay absent if they have none.
 
+Spark Connect: `spark-submit --remote sc://host:port spark_jobs/annotate.py ...` (or
+--remote, or run() with a Connect session) runs the same job; the udfs package is shipped to
+the server's Python workers and the engine's work is counted from the functions' output
+rows (udfs.connect, docs/ARCHITECTURE.md).
+
 Semantic IDs (a `semantic_id:` section in the spec): before planning, the job takes the
 quantiser saved under the table for the spec's settings and the engine's embedding model, or
 fits one on a sample of the input's --text-columns (udfs.semantic_fit) and saves it under
@@ -53,7 +58,9 @@ from udfs import schema as S
 from udfs import semantic_ids
 from udfs.engines import (DEFAULT_ENGINE, EngineConfigError, check_config, label_models,
                           parse_engine)
-from udfs.functions import TokenCountsParam
+from udfs import connect
+from udfs.connect import ConnectError
+from udfs.functions import METRICS, sum_metrics
 from udfs.schema import AnnotationSchema, SchemaError, id_type_of
 from udfs.semantic_fit import quantizer_for
 from udfs.semantic_ids import QuantizerError
@@ -64,6 +71,7 @@ log = logging.getLogger("annofeat.annotate")
 HASH_SEP = "\u241f"  # a separator that does not occur in ordinary text
 PREV = "__prev_"     # prefix of the previous row's columns while planning
 REASONS = ("full", "new", "content", "definition", "engine", "retry")
+KEEP = "__keep"      # staged rows: false for a row staged only for its engine metrics
 
 
 class JobError(RuntimeError):
@@ -111,7 +119,8 @@ class Routing:
 # --- reading the query's output ---------------------------------------------------------
 
 def annotation_columns(result: DataFrame, table: AnnotationSchema, parts: list[str]) -> list:
-    """The query's columns for `parts` in table form, plus `__model` and `__error`.
+    """The query's columns for `parts` in table form, plus `__model`, `__error` and
+    `__metrics` (the functions' engine metrics, an array of JSON strings or nulls).
 
     Accepts an annotate_all() struct (any alias) or, per part, a column named after it
     (annotate('x', ...) AS x, caption(...) AS caption). Raises JobError naming what is
@@ -123,14 +132,16 @@ def annotation_columns(result: DataFrame, table: AnnotationSchema, parts: list[s
                 set(wanted) | {S.MODEL, S.ERROR} <= set(field.dataType.fieldNames()):
             c = F.col(f"`{field.name}`")
             return ([c[n].alias(n) for n in wanted]
-                    + [c[S.MODEL].alias("__model"), c[S.ERROR].alias("__error")])
-    cols, models, errors, missing = [], [], [], []
+                    + [c[S.MODEL].alias("__model"), c[S.ERROR].alias("__error"),
+                       _metrics([field], [c])])
+    cols, models, errors, missing, fields = [], [], [], [], []
     for part in parts:
         field = next((f for f in result.schema.fields if f.name == part), None)
         if field is None or not isinstance(field.dataType, StructType):
             missing.append(part)
             continue
         c = F.col(f"`{part}`")
+        fields.append((field, c))
         if part == S.CAPTION:
             cols += [c["caption"].alias(S.CAPTION), c["tokens"].alias(S.CAPTION_TOKENS),
                      c["version"].alias(S.CAPTION_VERSION)]
@@ -150,7 +161,16 @@ def annotation_columns(result: DataFrame, table: AnnotationSchema, parts: list[s
             f"it returns {result.columns}")
     model = F.coalesce(*models) if models else F.lit(None).cast("string")
     error = F.concat_ws("; ", *errors)
-    return cols + [model.alias("__model"), F.when(error != "", error).alias("__error")]
+    return cols + [model.alias("__model"), F.when(error != "", error).alias("__error"),
+                   _metrics([f for f, _ in fields], [c for _, c in fields])]
+
+
+def _metrics(fields, columns):
+    """The `__metrics` fields of the functions' structs (register(metrics=True)) as one
+    array column; an empty array for structs without one."""
+    found = [c[METRICS] for f, c in zip(fields, columns)
+             if METRICS in f.dataType.fieldNames()]
+    return (F.array(*found) if found else F.array().cast("array<string>")).alias(METRICS)
 
 
 # --- planning: what each item needs ------------------------------------------------------
@@ -228,7 +248,8 @@ def part_counts(planned: DataFrame, table: AnnotationSchema) -> tuple[dict, dict
 def table_rows(annotated: DataFrame, rows: DataFrame, table: AnnotationSchema,
                parts: list[str], tier: str, run_ts: datetime) -> DataFrame:
     """Complete table rows: the annotated parts from the query, the other parts carried over
-    from the previous row, stamped per the time rule."""
+    from the previous row, stamped per the time rule; plus the query's `__metrics` and
+    `__keep`, false for a row that changes nothing (it is staged for its metrics only)."""
     key = table.id_column
     # a left join: a row the query invented (an id not in `items`) keeps a null content
     # hash, which _check_staged refuses
@@ -253,8 +274,8 @@ def table_rows(annotated: DataFrame, rows: DataFrame, table: AnnotationSchema,
     for part in parts:
         for c in table.part_columns(part):
             same = same & prev(c.name).eqNullSafe(F.col(c.name))
-    return joined.where(~same).select(*[out[c.name].cast(table.spark_type(c.type)).alias(c.name)
-                                        for c in table.columns])
+    return joined.select(*[out[c.name].cast(table.spark_type(c.type)).alias(c.name)
+                           for c in table.columns], F.col(METRICS), (~same).alias(KEEP))
 
 
 # --- the run -----------------------------------------------------------------------------
@@ -330,16 +351,16 @@ def run(spark: SparkSession, spec: Spec, items: DataFrame, output: str,
     except SchemaError as exc:
         raise JobError(str(exc)) from None
     store = FeatureTable(output)
+    output = store.root  # absolute: a Connect server resolves relative paths in its own cwd
     try:
         store.check_key(table)
     except TableError as exc:
         raise JobError(str(exc)) from None
     query = sql or default_query(text_columns)
-    engine_seconds = spark.sparkContext.accumulator(0.0)
-    engine_tokens = spark.sparkContext.accumulator({}, TokenCountsParam())
     say = lambda msg: progress(f"[annotate] {msg}", flush=True)  # noqa: E731
 
-    # The query's shape is checked on an empty view before any engine work.
+    # The query's shape is checked on an empty view before any engine work (the semantic
+    # ID, whose quantiser is not fitted yet, in the passes).
     hashed = (items
               .withColumn(S.CONTENT_HASH, F.sha2(F.concat_ws(HASH_SEP, *[
                   F.coalesce(F.col(f"`{c}`").cast("string"), F.lit("")) for c in text_columns]),
@@ -347,7 +368,7 @@ def run(spark: SparkSession, spec: Spec, items: DataFrame, output: str,
               .withColumn("__available", available_time(items, timestamp_column)))
     view_columns = [F.col(f"`{c}`") for c in [*items.columns, S.CONTENT_HASH]]
     _query(spark, spec, hashed.limit(0).select(*view_columns), query, engine, fail_on_error,
-           engine_seconds, table, table.parts, embedder=embedder)
+           table, [p for p in table.parts if p != S.SEMANTIC_ID], embedder=embedder)
 
     quantizer, sid_info = None, None
     if spec.semantic_id is not None:
@@ -375,7 +396,7 @@ def run(spark: SparkSession, spec: Spec, items: DataFrame, output: str,
             parts = parts_key.split(",")
             rows = planned.where(F.col("__todo") == parts_key)
             view = rows.select(*view_columns)
-            parallelism = spark.sparkContext.defaultParallelism
+            parallelism = connect.parallelism(spark)
             view = view.repartition(parallelism)  # spread even a one-file input over every core
             tiers = [(view, engine, "head")]
             if routing is not None:
@@ -385,8 +406,7 @@ def run(spark: SparkSession, spec: Spec, items: DataFrame, output: str,
                 say(f"pass {i + 1}/{len(groups)} ({tier}): {', '.join(parts)} for "
                     f"{'up to ' if routing else ''}{n} rows")
                 annotated = _query(spark, spec, frame, query, cfg, fail_on_error,
-                                   engine_seconds, table, parts, quantizer, embedder,
-                                   engine_tokens)
+                                   table, parts, quantizer, embedder)
                 out = table_rows(annotated, rows, table, parts, tier, run_ts)
                 path = f"{store.staging(run_id)}/pass-{len(staged)}"
                 t0 = time.time()
@@ -409,7 +429,7 @@ def run(spark: SparkSession, spec: Spec, items: DataFrame, output: str,
             committed.append(_commit(store, table, migrate, run_id, run_ts, "migrated"))
             _fault("migrated")
         if stats["n"]:
-            new = spark.read.parquet(*staged)
+            new = spark.read.parquet(*staged).where(F.col(KEEP))
             committed.append(_commit(store, table, new, run_id, run_ts))
         _fault("committed")
     finally:
@@ -430,7 +450,7 @@ def run(spark: SparkSession, spec: Spec, items: DataFrame, output: str,
         "rows_not_written": n_todo - stats["n"], "rows_written": stats["n"],
         "rows_with_errors": stats["errors"], "rows_by_tail_engine": stats["tail"],
         "parts": {p: {"annotated": sum(why.values()), "reasons": why,
-                      **engine_tokens.value.get(p, {})}
+                      **stats["tokens"].get(p, {})}
                   for p, why in by_part.items()},
         "event_timestamp": (f"column {timestamp_column!r} for new items (run time where null), "
                             "run time for re-annotations" if timestamp_column
@@ -442,7 +462,7 @@ def run(spark: SparkSession, spec: Spec, items: DataFrame, output: str,
         "stale_staging": stale,
         "seconds": round(time.time() - started, 2),
         "annotate_seconds": round(write_seconds, 2),
-        "engine_seconds": round(engine_seconds.value, 2),
+        "engine_seconds": round(stats["engine_seconds"], 2),
         "rows_per_second": round(stats["n"] / write_seconds, 1) if stats["n"] else None,
         "spec_version": spec.version, "schema": table.fingerprint, "output": output,
         "semantic_id": sid_info,
@@ -460,14 +480,13 @@ def code_usage(spark, store: FeatureTable, table: AnnotationSchema, quantizer) -
     return semantic_ids.usage(codes[S.SEMANTIC_ID].tolist(), quantizer.config.codes)
 
 
-def _query(spark, spec, frame, query, engine, fail_on_error, engine_seconds,
+def _query(spark, spec, frame, query, engine, fail_on_error,
            table: AnnotationSchema, parts: list[str], quantizer=None,
-           embedder: dict | None = None, engine_tokens=None) -> DataFrame:
+           embedder: dict | None = None) -> DataFrame:
     """Run the query over `frame` as the view `items` with the SQL functions bound to the
     spec's `parts`; returns the id column and the parts' columns in table form."""
     register(spark, spec.restricted(parts), engine=engine, fail_on_error=fail_on_error,
-             engine_seconds=engine_seconds, quantizer=quantizer, embed_engine=embedder,
-             engine_tokens=engine_tokens)
+             quantizer=quantizer, embed_engine=embedder, metrics=True)
     frame.createOrReplaceTempView("items")
     try:
         result = spark.sql(query)
@@ -511,9 +530,14 @@ def _check_staged(spark, staged: list[str], planned: DataFrame, table: Annotatio
                   n_todo: int) -> dict:
     """Refuse (before anything is visible) a query that duplicated or invented rows."""
     if not staged:
-        return {"n": 0, "errors": 0, "tail": 0, "past": 0, "earliest": None}
+        return {"n": 0, "errors": 0, "tail": 0, "past": 0, "earliest": None,
+                "engine_seconds": 0.0, "tokens": {}}
     key = table.id_column
-    new = spark.read.parquet(*staged)
+    staged_rows = spark.read.parquet(*staged)
+    seconds, tokens = sum_metrics(
+        r[0] for r in staged_rows.select(F.explode(METRICS)).where(F.col("col").isNotNull())
+        .collect())
+    new = staged_rows.where(F.col(KEEP))
     row = new.agg(F.count("*").alias("n"), F.countDistinct(key).alias("ids"),
                   F.sum(F.col(S.ERROR).isNotNull().cast("int")).alias("errors"),
                   F.sum((F.col(S.LABELLED_BY) == "tail").cast("int")).alias("tail"),
@@ -530,7 +554,8 @@ def _check_staged(spark, staged: list[str], planned: DataFrame, table: Annotatio
         raise JobError(f"the query returned {row['n']} rows for the {n_todo} items that "
                        "needed work; nothing was committed")
     return {"n": int(row["n"]), "errors": int(row["errors"] or 0), "tail": int(row["tail"] or 0),
-            "past": int(row["past"] or 0), "earliest": row["earliest"]}
+            "past": int(row["past"] or 0), "earliest": row["earliest"],
+            "engine_seconds": seconds, "tokens": tokens}
 
 
 def _commit(store: FeatureTable, table: AnnotationSchema, rows: DataFrame, run_id: str,
@@ -572,6 +597,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--fail-on-error", action="store_true",
                    help="fail the job if any row gets an error")
     p.add_argument("--master", default=None, help="Spark master when not using spark-submit")
+    p.add_argument("--remote", default=None,
+                   help="Spark Connect server, e.g. sc://host:15002 (spark-submit --remote "
+                        "sets it too); the project's code is shipped to its Python workers")
     p.add_argument("--report", default=None, help="also write the closing report JSON here")
     p.add_argument("--tail-engine", default=None,
                    help="engine for tail items (e.g. a distilled student); enables routing")
@@ -617,15 +645,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     spark = get_spark("annofeat-annotate", args.master, {
         "spark.sql.execution.arrow.maxRecordsPerBatch": str(args.batch_size)},
-        verbose=args.verbose)
+        verbose=args.verbose, remote=args.remote)
     try:
-        report = run(spark, spec, read_table(spark, args.input), args.output, engine=engine,
+        source = args.input if "://" in args.input else str(Path(args.input).resolve())
+        report = run(spark, spec, read_table(spark, source), args.output, engine=engine,
                      sql=sql, id_column=args.id_column, text_columns=text_columns,
                      timestamp_column=args.timestamp_column, full=args.full,
                      fail_on_error=args.fail_on_error, routing=routing,
                      refit_semantic_ids=args.refit_semantic_ids, embed_engine=embed_engine,
                      keep_other_models=args.keep_other_models)
-    except (JobError, TableError) as exc:
+    except (JobError, TableError, ConnectError) as exc:
         print(f"annotate: error: {exc}", file=sys.stderr)
         return 2
     print("[annotate] report " + json.dumps(report), flush=True)

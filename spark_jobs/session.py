@@ -1,6 +1,7 @@
 """One place that builds the SparkSession every job uses, and keeps the jobs' output readable."""
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -40,9 +41,30 @@ def quiet(verbose: bool = False) -> None:
             warnings.filterwarnings("ignore", category=category)
 
 
+def submitted_remote() -> str | None:
+    """The Connect URL of `spark-submit --remote`, which hands a Python app its settings as
+    JSON in PYSPARK_REMOTE_INIT_CONF_<i> rather than setting SPARK_REMOTE."""
+    for i in range(int(os.environ.get("PYSPARK_REMOTE_INIT_CONF_LEN", "0"))):
+        url = json.loads(os.environ[f"PYSPARK_REMOTE_INIT_CONF_{i}"]).get("spark.remote")
+        if url:
+            return url
+    return None
+
+
 def get_spark(app_name: str, master: str | None = None, conf: dict | None = None,
-              verbose: bool = False) -> SparkSession:
-    """A session with BASE_CONF; `master` only when not launched by spark-submit."""
+              verbose: bool = False, remote: str | None = None) -> SparkSession:
+    """A session with BASE_CONF; `master` only when not launched by spark-submit. `remote`
+    (or SPARK_REMOTE, or `spark-submit --remote`) makes it a Spark Connect client,
+    given only the SQL settings: the server's own settings (workers, their environment)
+    are its operator's."""
+    remote = remote or os.environ.get("SPARK_REMOTE") or submitted_remote()
+    level = "INFO" if verbose else os.environ.get("ANNOFEAT_SPARK_LOG_LEVEL", "WARN")
+    if remote:
+        builder = SparkSession.builder.remote(remote).appName(app_name)
+        for key, value in {**BASE_CONF, **(conf or {})}.items():
+            if key.startswith("spark.sql."):
+                builder = builder.config(key, value)
+        return builder.getOrCreate()
     # Driver and workers must run the interpreter that has this project installed.
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
@@ -50,7 +72,6 @@ def get_spark(app_name: str, master: str | None = None, conf: dict | None = None
     if master:
         builder = builder.master(master)
     # spark.log.level applies from the context's start, so its INFO start-up lines go too
-    level = "INFO" if verbose else os.environ.get("ANNOFEAT_SPARK_LOG_LEVEL", "WARN")
     # vLLM logs its engine start at INFO, line by line, in every worker
     engine_logs = {"spark.executorEnv.VLLM_LOGGING_LEVEL": os.environ.get(
         "VLLM_LOGGING_LEVEL", "INFO" if verbose else "WARNING")}

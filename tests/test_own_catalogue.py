@@ -26,13 +26,22 @@ def readme_script() -> str:
     return blocks[0]
 
 
-def test_the_readme_walkthrough_works_when_pasted(tmp_path):
-    env = {**os.environ, "HOME": str(tmp_path), "PYTHONPATH": str(ROOT),
+def run_walkthrough(script: str, home: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HOME": str(home), "PYTHONPATH": str(ROOT),
            "SPARK_LOCAL_IP": "127.0.0.1", "PYSPARK_PYTHON": sys.executable}
     env.pop("VIRTUAL_ENV", None)
-    proc = subprocess.run(["bash", "-euo", "pipefail", "-c", readme_script()], cwd=ROOT,
+    proc = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def test_the_readme_walkthrough_works_when_pasted(tmp_path):
+    check_walkthrough(run_walkthrough(readme_script(), tmp_path), tmp_path)
+
+
+def check_walkthrough(proc: subprocess.CompletedProcess, tmp_path: Path) -> None:
+    """What the walkthrough must have produced in ~/bookshop (HOME = tmp_path)."""
     shop = tmp_path / "bookshop"
     assert "book_annotations: PASSED" in proc.stdout
 

@@ -19,23 +19,25 @@ from udfs.spec import Spec, SpecError, load_spec
 
 
 def register(spark, spec: Spec | str, engine: dict | None = None, fail_on_error: bool = False,
-             prefix: str = "", engine_seconds=None, quantizer=None,
-             embed_engine: dict | None = None, engine_tokens=None):
+             prefix: str = "", quantizer=None, embed_engine: dict | None = None,
+             metrics: bool = False, ship: bool = True):
     """Register annotate(), caption(), semantic_id() and annotate_all() as SQL functions on
-    this session.
+    this session, classic or Spark Connect.
 
     `engine` is a plain config dict (see udfs.engines); the engine itself is built lazily,
-    once per Python worker. `engine_seconds`, an optional float accumulator
-    (spark.sparkContext.accumulator(0.0)), adds up the time the functions spend annotating;
-    `engine_tokens` (spark.sparkContext.accumulator({}, udfs.functions.TokenCountsParam()))
-    the prompt, cached and generated tokens generative engines count, per part.
-    `quantizer` (a udfs.semantic_ids.Quantizer or the directory one was saved in) is what
-    semantic_id() and annotate_all() assign codes with when the spec has a semantic_id
-    section; without it their semantic-ID fields are row errors saying so. `embed_engine`
+    once per Python worker. `quantizer` (a udfs.semantic_ids.Quantizer or the directory one
+    was saved in) is what semantic_id() and annotate_all() assign codes with when the spec
+    has a semantic_id section; without one, annotate_all() leaves the semantic ID out (with
+    one warning) and semantic_id() returns row errors saying what is missing. `embed_engine`
     (default: `engine`) is the engine whose embeddings they quantise: an encoder such as
-    {"type": "embedding"} beside a generative engine that cannot embed.
+    {"type": "embedding"} beside a generative engine that cannot embed. `metrics` adds a
+    `__metrics` field (JSON engine seconds and token counts, on each batch's first row) to
+    every function's struct: the annotate job's report. On a Connect session, `ship` uploads
+    this package to the server's Python workers (udfs.connect.ship) and checks they import
+    it; pass ship=False where the cluster has annofeat installed.
     Returns the four UDF objects for DataFrame-API use.
     """
+    from udfs import connect
     from udfs.functions import (make_annotate_all_udf, make_annotate_udf, make_caption_udf,
                                 make_semantic_id_udf)
 
@@ -44,12 +46,23 @@ def register(spark, spec: Spec | str, engine: dict | None = None, fail_on_error:
     if isinstance(quantizer, str):
         from udfs.semantic_ids import load
         quantizer = load(quantizer)
-    annotate = make_annotate_udf(spec, engine, fail_on_error, engine_seconds, engine_tokens)
-    caption = make_caption_udf(spec, engine, fail_on_error, engine_seconds, engine_tokens)
-    semantic_id = make_semantic_id_udf(spec, engine, fail_on_error, engine_seconds, quantizer,
-                                       embed_engine)
-    annotate_all = make_annotate_all_udf(spec, engine, fail_on_error, engine_seconds, quantizer,
-                                         embed_engine, engine_tokens)
+    if ship:
+        connect.ship(spark)
+    else:
+        connect.check_workers(spark)
+    all_spec = spec
+    if spec.semantic_id is not None and quantizer is None:
+        import warnings
+        warnings.warn("udfs.register: the spec has a semantic_id section but no quantizer= "
+                      "was given; annotate_all() leaves the semantic ID out (fit one with "
+                      "udfs.semantic_fit.quantizer_for)", stacklevel=2)
+        all_spec = spec.restricted([*spec.attributes, "caption"])
+    annotate = make_annotate_udf(spec, engine, fail_on_error, metrics)
+    caption = make_caption_udf(spec, engine, fail_on_error, metrics)
+    semantic_id = make_semantic_id_udf(spec, engine, fail_on_error, quantizer, embed_engine,
+                                       metrics)
+    annotate_all = make_annotate_all_udf(all_spec, engine, fail_on_error, quantizer,
+                                         embed_engine, metrics)
     spark.udf.register(prefix + "annotate", annotate)
     spark.udf.register(prefix + "caption", caption)
     spark.udf.register(prefix + "semantic_id", semantic_id)

@@ -28,11 +28,11 @@ which is what a GPU engine needs (the annotate job's default query uses it).
 """
 from __future__ import annotations
 
+import json
 import time
 from typing import Iterator, Tuple
 
 import pandas as pd
-from pyspark.accumulators import AccumulatorParam
 from pyspark.sql.functions import pandas_udf
 
 from udfs import annotator, schema, tokens, worker
@@ -181,73 +181,82 @@ def add_counts(total: dict, more: dict, less: dict | None = None) -> dict:
     return total
 
 
-class TokenCountsParam(AccumulatorParam):
-    """An accumulator of engine token counts per part ({part: {count: n}})."""
+METRICS = "__metrics"  # the hidden field of metrics=True functions
 
-    def zero(self, value):
-        return {}
 
-    def addInPlace(self, value1, value2):
-        return add_counts(value1, value2)
+def with_metrics(return_type: str, metrics: bool) -> str:
+    return f"{return_type}, {METRICS} string" if metrics else return_type
+
+
+def sum_metrics(values) -> tuple[float, dict]:
+    """(engine seconds, {part: {count: n}}) over the JSON `__metrics` values of a result."""
+    seconds, counts = 0.0, {}
+    for value in values:
+        if value:
+            m = json.loads(value)
+            seconds += m["seconds"]
+            add_counts(counts, m["tokens"])
+    return seconds, counts
 
 
 def _batch_udf(name: str, return_type: str, frame, engine_config: dict | None,
-               fail_on_error: bool, engine_seconds, slot: str = worker.MAIN,
-               engine_tokens=None):
+               fail_on_error: bool, metrics: bool = False, slot: str = worker.MAIN):
     """An iterator pandas UDF: this worker's engine once per task, then `frame(engine, cols)`
-    per Arrow batch. `engine_seconds`, an optional accumulator, adds up time spent in frame;
-    `engine_tokens` (TokenCountsParam) the tokens the engine counted there, per part."""
+    per Arrow batch. With `metrics`, each batch's first row also carries, as JSON in the
+    `__metrics` field, the seconds spent in frame and the tokens the engine counted there
+    per part: how the annotate job reports engine work without accumulators, which Spark
+    Connect does not have."""
     def run(batches: Iterator[Tuple[pd.Series, ...]]) -> Iterator[pd.DataFrame]:
         engine = worker.get_engine(engine_config, slot)
         for batch in batches:
             started = time.perf_counter()
-            before = engine.usage() if engine_tokens is not None else None
+            before = engine.usage() if metrics else None
             out = frame(engine, _columns(batch))
-            if engine_seconds is not None:
-                engine_seconds.add(time.perf_counter() - started)
-            if engine_tokens is not None:
-                engine_tokens.add(add_counts({}, engine.usage(), before))
             _check(out["error"], name, fail_on_error)
+            if metrics:
+                used = {"seconds": time.perf_counter() - started,
+                        "tokens": add_counts({}, engine.usage(), before)}
+                out[METRICS] = [json.dumps(used)] + [None] * (len(out) - 1) if len(out) else []
             yield out
     run.__name__ = name
-    return pandas_udf(run, return_type)
+    return pandas_udf(run, with_metrics(return_type, metrics))
 
 
 def make_annotate_all_udf(spec: Spec, engine_config: dict | None, fail_on_error: bool = False,
-                          engine_seconds=None, quantizer=None, embed_config: dict | None = None,
-                          engine_tokens=None):
+                          quantizer=None, embed_config: dict | None = None,
+                          metrics: bool = False):
     def frame(engine, cols):
         embedder = (worker.get_engine(embed_config, worker.EMBED)
                     if embed_config is not None and spec.semantic_id is not None else engine)
         return annotate_all_frame(engine, spec, annotator.clean_columns(cols), quantizer,
                                   embedder)
     return _batch_udf("annotate_all", all_type(spec), frame, engine_config, fail_on_error,
-                      engine_seconds, engine_tokens=engine_tokens)
+                      metrics)
 
 
 def make_annotate_udf(spec: Spec, engine_config: dict | None, fail_on_error: bool = False,
-                      engine_seconds=None, engine_tokens=None):
+                      metrics: bool = False):
     def frame(engine, cols):
         if len(cols) < 2:
             raise TypeError("annotate() takes the attribute name and at least one text column")
         return annotate_frame(engine, spec, cols[0], annotator.clean_columns(cols[1:]))
-    return _batch_udf("annotate", ANNOTATE_TYPE, frame, engine_config, fail_on_error,
-                      engine_seconds, engine_tokens=engine_tokens)
+    return _batch_udf("annotate", ANNOTATE_TYPE, frame, engine_config, fail_on_error, metrics)
 
 
 def make_caption_udf(spec: Spec, engine_config: dict | None, fail_on_error: bool = False,
-                     engine_seconds=None, engine_tokens=None):
+                     metrics: bool = False):
     return _batch_udf(
         "caption", CAPTION_TYPE,
         lambda engine, cols: caption_frame(engine, spec, annotator.clean_columns(cols)),
-        engine_config, fail_on_error, engine_seconds, engine_tokens=engine_tokens)
+        engine_config, fail_on_error, metrics)
 
 
 def make_semantic_id_udf(spec: Spec, engine_config: dict | None, fail_on_error: bool = False,
-                         engine_seconds=None, quantizer=None, embed_config: dict | None = None):
+                         quantizer=None, embed_config: dict | None = None,
+                         metrics: bool = False):
     return _batch_udf(
         "semantic_id", SEMANTIC_ID_TYPE,
         lambda engine, cols: semantic_id_frame(engine, spec, quantizer,
                                                annotator.clean_columns(cols)),
-        engine_config if embed_config is None else embed_config, fail_on_error, engine_seconds,
+        engine_config if embed_config is None else embed_config, fail_on_error, metrics,
         worker.MAIN if embed_config is None else worker.EMBED)

@@ -34,7 +34,7 @@ from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 from pyspark.sql.functions import pandas_udf
 
-from udfs import annotator, semantic_ids, worker
+from udfs import annotator, connect, semantic_ids, worker
 from udfs.engines.base import can_embed
 from udfs.semantic_ids import Quantizer, QuantizerError
 from udfs.spec import SemanticId, Spec
@@ -78,6 +78,7 @@ def probe(spark, engine_config: dict | None) -> tuple[str, int]:
     its pool only when the task consumed its whole output, so a `first()` would discard
     the worker and, with it, the engine just loaded (measured: ~20 s per probe under load,
     against ~2 s when the worker is reused)."""
+    connect.ship(spark)  # a Connect server's workers need this package
     row = (spark.createDataFrame([("a film about the sea",)], "text string").coalesce(1)
            .select(make_embed_udf(engine_config)("text").alias("e")).collect()[0].e)
     if row.error:
@@ -101,7 +102,7 @@ def fit_on(frame: DataFrame, text_columns: list[str], config: SemanticId,
     """Sample `frame` (settings from `config`), embed with the engine on the executors, fit."""
     spark = frame.sparkSession
     sample = draw_sample(frame, id_column, text_columns, config.sample, config.seed)
-    parallelism = spark.sparkContext.defaultParallelism
+    parallelism = connect.parallelism(spark)
     embedded = (sample.repartition(parallelism)
                 .select("__id", "__order",
                         F.sha2(F.concat_ws("\u241f", *[F.coalesce(F.col(f"`{c}`").cast("string"),

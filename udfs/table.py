@@ -71,7 +71,10 @@ class FeatureTable:
     root: str
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "root", self.root.rstrip("/"))
+        # a local path made absolute here, so a Spark Connect server (whose working
+        # directory is its own) writes where this process reads
+        root = self.root if "://" in self.root else os.path.abspath(self.root)
+        object.__setattr__(self, "root", root.rstrip("/"))
 
     # --- paths (strings in the caller's scheme, e.g. s3a:// for Spark) -----------------
 
