@@ -57,7 +57,9 @@ def agreement(texts: list[str], spec) -> dict:
     from udfs.engines import build_engine
     out, ref = {}, None
     for variant, options in BACKENDS.items():
-        engine = build_engine({**ENGINE, **options})
+        # the cache on: each text encoded once, then every attribute and the caption scored
+        # from the same vectors (the labels are what the engine gives with the cache off)
+        engine = build_engine({**ENGINE, **options, "cache_size": len(texts) + 1024})
         vectors = engine.embed(texts)
         parts = {name: engine.classify(texts, a).labels for name, a in spec.attributes.items()}
         if spec.caption is not None and spec.caption.descriptors:

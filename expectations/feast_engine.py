@@ -74,6 +74,41 @@ warnings.filterwarnings("ignore", category=DeprecationWarning,
                         message=r"fetch_arrow_table\(\) is deprecated")
 # py4j logs each closed gateway connection at INFO, and the feast CLI shows INFO
 logging.getLogger("py4j").setLevel(logging.WARNING)
+# Feast's own format for its CLI's log lines (feast/cli/cli.py)
+FEAST_LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s: %(message)s"
+FEAST_LOG_DATEFMT = "%m/%d/%Y %I:%M:%S %p"
+
+
+def follow_feast_log_level() -> int | None:
+    """Inside the `feast` CLI, make its `--log-level` (default: warning) hold for every logger.
+
+    `feast` imports feast/cli/serve.py for its `serve` commands, and that module calls
+    `logging.basicConfig(level=logging.INFO)` at import time: the root logger gets a handler
+    in Python's default format (`INFO:annofeat.gate:...`) and the level INFO before the CLI
+    reads `--log-level`. The CLI's own basicConfig then does nothing (the root already has a
+    handler), and it applies the level only to loggers whose name contains "feast", so every
+    other library's INFO lines reach the terminal. Here the root logger gets the level the
+    user asked for and the handlers basicConfig made get Feast's format. Outside the CLI
+    (FeatureStore.materialize from Python) nothing changes. Returns the level applied."""
+    ctx = click.get_current_context(silent=True)
+    if ctx is None:
+        return None
+    root_ctx = ctx.find_root()
+    callback = getattr(root_ctx.command, "callback", None)
+    if not getattr(callback, "__module__", "").startswith("feast.cli"):
+        return None
+    level = logging.getLevelName(str(root_ctx.params.get("log_level") or "warning").upper())
+    if not isinstance(level, int):
+        return None
+    root = logging.getLogger()
+    root.setLevel(level)
+    for handler in root.handlers:
+        fmt = getattr(handler.formatter, "_fmt", None)
+        if isinstance(handler, logging.StreamHandler) and fmt in (None, logging.BASIC_FORMAT):
+            handler.setFormatter(logging.Formatter(FEAST_LOG_FORMAT, FEAST_LOG_DATEFMT))
+    return level
+
+
 LOCAL = "feast.infra.compute_engines.local.compute.LocalComputeEngine"
 SPARK = "feast.infra.compute_engines.spark.compute.SparkComputeEngine"
 # the inner engines whose execution plans the gate knows how to split before the write
@@ -215,6 +250,7 @@ class GatedComputeEngine(ComputeEngine):
     def __init__(self, *, repo_config, offline_store, online_store, **options) -> None:
         super().__init__(repo_config=repo_config, offline_store=offline_store,
                          online_store=online_store)
+        follow_feast_log_level()
         self.config = GatedComputeEngineConfig(**options)
         self.root = Path(repo_config.repo_path or ".")
         self.inner = _inner_engine(repo_config, offline_store, online_store, self.config.engine)
@@ -255,6 +291,8 @@ class GatedComputeEngine(ComputeEngine):
             gate = loading.result()
             for s in staged:  # ... judge every view ...
                 self._judge(gate, s)
+            for s in staged:  # the verdicts, whatever --log-level says
+                click.echo(f"gate: {s.result.summary().splitlines()[0]}")
             refused = [s.result for s in staged if not s.result.success]
             if refused:
                 raise GateRefused(refused)

@@ -151,8 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     if gate_rc != 0:
         raise SystemExit("demo stopped: the data-quality gate refused the annotations; "
                          f"see {ART / 'reports'}")
-    # Feast logs every view's progress at INFO (the gate's per-view timings too): the
-    # verdicts and refusals are warnings and errors, the summary below says the rest
+    # Feast logs every view's progress at INFO (the gate's per-view timings too); the gate
+    # prints its verdict per view at any level, refusals are errors, the summary below says
+    # the rest
     feast = [BIN / "feast", "--log-level", "INFO" if args.verbose else "WARNING"]
     step("feast apply", [*feast, "apply"], cwd=REPO)
     end = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")

@@ -100,6 +100,28 @@ def test_texts_of_any_length_and_order(engines):
     assert engines["onnx"].embed([]).shape == (0, ref.shape[1])
 
 
+def test_batches_are_bucketed_by_token_count_and_rows_come_back_in_order(engines):
+    """Batches are formed by token count (not characters), each padded to its own longest
+    text, and every row comes back where it was given."""
+    encoder = engines["onnx"].encoder
+    texts = ["a", "Heat (1995) Genres: Action, Crime, Thriller", "Ωμέγα ΑΒΓΔ", "b c",
+             "Toy Story (1995) Genres: Adventure, Animation, Children, Comedy, Fantasy", "zz"]
+    lengths = [len(e.ids) for e in encoder.tokenizer.encode_batch(texts)]
+    widths, run = [], encoder.session.run
+
+    def recording(outputs, feed):
+        widths.append(feed["input_ids"].shape[1])
+        return run(outputs, feed)
+    encoder.session.run = recording
+    try:
+        got = encoder.encode(texts, batch_size=2)
+    finally:
+        encoder.session.run = run
+    assert widths == sorted(lengths, reverse=True)[::2]  # no batch pads past its longest
+    one_by_one = np.stack([encoder.encode([t], batch_size=1)[0] for t in texts])
+    assert np.allclose(got, one_by_one, atol=1e-5)
+
+
 def test_a_worker_on_the_onnx_path_never_imports_torch(engines):
     code = ("import sys, json; from udfs.engines import build_engine; "
             "e = build_engine({'type': 'embedding'}); e.embed(['Heat (1995)']); "

@@ -77,11 +77,21 @@ def repo(tmp_path_factory):
         "--table", str(repo / "data" / "item_annotations"), "--write-reference",
         "--report-dir", str(repo / "data" / "gate" / "reports"),
         "--reference-dir", str(repo / "data" / "gate" / "reference")]) == 0
-    done = feast(repo, "materialize", *WINDOW)
+    # as `make demo` runs it: the CLI's --log-level holds for the gate and every library,
+    # although feast/cli/serve.py sets the root logger to INFO when the CLI imports it
+    done = feast(repo, "--log-level", "WARNING", "materialize", *WINDOW)
     assert done.returncode == 0, done.stderr
-    # nothing a user cannot act on: ibis' DuckDB deprecation, GE's per-check INFO line
+    # nothing a user cannot act on: ibis' DuckDB deprecation, GE's per-check INFO line, the
+    # gate's per-view timings (INFO, shown with --log-level INFO)
     assert "fetch_arrow_table" not in done.stderr and "Traceback" not in done.stderr
     assert "Created temporary directory" not in done.stderr
+    output = (done.stdout + done.stderr).splitlines()
+    assert not [line for line in output if "INFO" in line or "DeprecationWarning" in line
+                or "Warning:" in line], done.stderr
+    # ... but Feast's progress and the gate's verdicts, one line per view
+    assert "Materializing" in done.stdout and "feature views from" in done.stdout
+    for view in ("item_annotations", "item_stats", "user_stats"):
+        assert any(line.startswith(f"gate: {view}: PASSED (") for line in output), done.stdout
     return repo, good
 
 
@@ -230,3 +240,36 @@ def test_empty_window_passes_and_a_spec_change_needs_apply(repo):
             store.materialize(*window)
     finally:
         spec.write_text(original)
+
+
+def test_the_feast_cli_log_level_holds_for_every_logger():
+    """What the fixture's CLI run relies on, in process: inside the feast CLI the root logger
+    gets the CLI's --log-level (feast/cli/serve.py left it at INFO) and basicConfig's handler
+    Feast's format; outside the CLI the caller's logging is not touched."""
+    import logging
+
+    import click
+    from feast.cli.cli import cli
+
+    from expectations.feast_engine import FEAST_LOG_FORMAT, follow_feast_log_level
+
+    root = logging.getLogger()
+    saved_level, saved_handlers = root.level, list(root.handlers)
+    handler = logging.StreamHandler()  # as logging.basicConfig(level=INFO) adds it
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    try:
+        assert follow_feast_log_level() is None and root.level == logging.INFO
+        for given, level in (("warning", logging.WARNING), ("INFO", logging.INFO)):
+            with click.Context(cli, info_name="feast") as ctx:
+                ctx.params["log_level"] = given
+                assert follow_feast_log_level() == level
+            assert root.level == level
+            assert handler.formatter._fmt == FEAST_LOG_FORMAT
+        with click.Context(click.Command("other"), info_name="other"):
+            root.setLevel(logging.DEBUG)
+            assert follow_feast_log_level() is None and root.level == logging.DEBUG
+    finally:
+        root.removeHandler(handler)
+        root.handlers[:] = saved_handlers
+        root.setLevel(saved_level)

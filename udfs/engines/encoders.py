@@ -9,8 +9,9 @@ state and L2 normalisation, from the same MiniLM weights:
              worker holds the runtime and the model, not a deep-learning framework.
     "torch"  sentence-transformers on PyTorch (the reference).
 
-Batches are sorted by length before padding, as sentence-transformers does, so a batch of
-short titles never pays for one long text.
+Batches are sorted by length before padding, as sentence-transformers does (by characters;
+the ONNX path by tokens, having tokenised every text once), so a batch of short titles never
+pays for one long text.
 """
 from __future__ import annotations
 
@@ -80,10 +81,9 @@ class OnnxEncoder:
         self.inputs = {i.name for i in self.session.get_inputs()}
         self.dim = int(self.session.get_outputs()[0].shape[-1])
 
-    def _batch(self, texts: list[str]) -> np.ndarray:
-        encodings = self.tokenizer.encode_batch(texts)
+    def _batch(self, encodings: list) -> np.ndarray:
         width = max(len(e.ids) for e in encodings)
-        ids = np.zeros((len(texts), width), np.int64)
+        ids = np.zeros((len(encodings), width), np.int64)
         types = np.zeros_like(ids)
         mask = np.zeros_like(ids)
         for row, e in enumerate(encodings):
@@ -96,10 +96,16 @@ class OnnxEncoder:
         return pooled / np.clip(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12, None)
 
     def encode(self, texts: Sequence[str], batch_size: int) -> np.ndarray:
+        """Tokenised once, then batched by token count (longest first), each batch padded
+        to its own longest text: the least padding a batch size allows; rows come back in
+        the order given."""
         texts = list(texts)
         out = np.zeros((len(texts), self.dim), np.float32)
-        order = np.argsort([-len(t) for t in texts], kind="stable")
+        if not texts:
+            return out
+        encodings = self.tokenizer.encode_batch(texts)
+        order = np.argsort([-len(e.ids) for e in encodings], kind="stable")
         for start in range(0, len(texts), batch_size):
             rows = order[start:start + batch_size]
-            out[rows] = self._batch([texts[i] for i in rows])
+            out[rows] = self._batch([encodings[i] for i in rows])
         return out
