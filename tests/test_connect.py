@@ -1,8 +1,9 @@
 """Spark Connect, against a real Connect server (tests/connect_server.py) whose Python workers
 get the project only as the artifact udfs.register ships: the SQL functions and README's
 example, the annotate job (spark-submit --remote and annotate.run) giving the classic
-session's table, incrementally, and README's own-catalogue walkthrough through `feast
-materialize` with the job on Connect.
+session's table, incrementally. README's Spark Connect section (its own server, the job
+through `spark-submit --remote`, `feast materialize` of what it wrote) runs as pasted in
+tests/test_own_catalogue.py, after the walk-through it continues.
 
 Client code runs in subprocesses: a Connect session switches pyspark's functions to Connect
 for the whole process (SPARK_CONNECT_MODE_ENABLED), which the classic session that the other
@@ -19,7 +20,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from tests.connect_server import connect_url  # noqa: F401  (session fixture)
-from tests.test_own_catalogue import check_walkthrough, readme_script, run_walkthrough
 from udfs.spec import load_spec
 from udfs.table import read_latest
 
@@ -160,44 +160,3 @@ print(json.dumps(report, default=str))
     assert again["engine_seconds"] > 0 and not again["semantic_id"]["fitted"]
     rows = pd.read_parquet(on_connect / first["schema"])
     assert len(rows) == 41 and rows["item_id"].value_counts().max() == 2
-
-
-def connect_section_script() -> str:
-    text = (ROOT / "README.md").read_text()
-    section = text.split("## Spark Connect / Databricks", 1)[1].split("\n## ", 1)[0]
-    blocks = re.findall(r"```bash\n(.*?)```", section, flags=re.S)
-    assert len(blocks) == 1, "the section should hold one bash block"
-    return blocks[0]
-
-
-def test_readme_connect_section_works_when_pasted(tmp_path):
-    """README's own-catalogue walk-through, then its Connect block as written: pyspark's
-    own start-connect-server.sh, one book edited, the job through `spark-submit --remote`
-    redoing that book only, `feast materialize` of what it wrote, the row served."""
-    check_walkthrough(run_walkthrough(readme_script(), tmp_path), tmp_path)
-    shop = tmp_path / "bookshop"
-    spec = load_spec(shop / "books.yaml")
-    before, _ = read_latest(str(shop / "repo" / "data" / "book_annotations"), spec)
-    sbin = Path(__import__("pyspark").__file__).parent / "sbin"
-    try:
-        proc = run_walkthrough(connect_section_script(), tmp_path)
-    finally:
-        subprocess.run([str(sbin / "stop-connect-server.sh")], capture_output=True)
-    report = json.loads(proc.stdout.split("[annotate] report ", 1)[1].splitlines()[0])
-    assert report["rows_written"] == 1
-    assert {p: v["reasons"] for p, v in report["parts"].items()} == \
-        {p: {"content": 1} for p in [*spec.attributes, "caption"]}
-    after, _ = read_latest(str(shop / "repo" / "data" / "book_annotations"), spec)
-    edited = after.set_index("sku").loc["BK-900378"]
-    assert edited["created_timestamp"] > before["created_timestamp"].max()
-    assert edited["error"] is None or pd.isna(edited["error"])
-    served = subprocess.run(
-        [sys.executable, "-c", "import json; from feast import FeatureStore; print(json.dumps("
-         "FeatureStore(repo_path='.').get_online_features(features=['book_annotations:"
-         "reader_label'], entity_rows=[{'sku': 'BK-900378'}]).to_dict(True)))"],
-        cwd=shop / "repo", capture_output=True, text=True, timeout=300)
-    assert served.returncode == 0, served.stderr[-2000:]
-    online = json.loads(served.stdout.strip().splitlines()[-1])
-    assert online["reader_label"] == [edited["reader_label"]]
-    # the row served is the one the Connect run wrote (stamped with its run time)
-    assert online["reader_label__ts"] == [int(edited["event_timestamp"].timestamp())]
