@@ -187,8 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[report] {len(labels)} single-genre movies among the first {args.movies} "
           f"({plan_.train_pool} in the training split, {plan_.heldout_pool} held out, "
           f"{len(plan_.heldout)} of them scored)", flush=True)
-    rows = baseline_rows(plan_, baselines, args.model, args.eval_engine)
-    majority, tuned = _majority(plan_), []
+    rows, majority, tuned = [], _majority(plan_), []
 
     def save() -> list[dict]:
         """learning_curve.json with the rows so far (the fine-tuned ones by training size)."""
@@ -204,7 +203,6 @@ def main(argv: list[str] | None = None) -> int:
         (out / "learning_curve.json").write_text(json.dumps(report, indent=2))
         return table
 
-    save()
     for n in sizes:
         size = "all" if n is None else n
         target = out / f"smollm2-genre-{size}"
@@ -231,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
                 if f.name != "card.json":
                     f.unlink()
         save()  # after every point: a run stopped early keeps what it measured
+    # the baselines last: a kept model directory is ready for use (e.g. the demo) sooner
+    rows = baseline_rows(plan_, baselines, args.model, args.eval_engine)
     print("\n" + markdown(save(), majority))
     print(f"\nwritten to {out / 'learning_curve.json'} in {time.time() - started:.1f} s")
     return 0
