@@ -21,6 +21,12 @@ runs the same flow with a real LLM: the packaged SmolLM2-135M-Instruct through v
 build labels and captions the --llm-items most popular movies (head/tail routing), the
 embedded default the rest; the semantic IDs stay MiniLM's. The summary says which engine
 labelled how many items.
+
+    python -m spark_jobs.demo --engine smollm2 --llm-model DIR
+
+puts a local Hugging Face model directory (e.g. one spark_jobs.finetune wrote) in the
+packaged model's place, through the same vLLM engine and routing; its labels carry the
+directory's name (`vllm:<DIR's name>`).
 """
 from __future__ import annotations
 
@@ -49,6 +55,21 @@ RATINGS = ROOT / "data" / "movielens" / "ratings.csv"
 # free when it starts (vLLM's default 0.9 fails beside Spark)
 LLM_ENGINES = {"smollm2": {"type": "vllm", "model": "smollm2-135m-instruct",
                            "max_model_len": 1024, "gpu_memory_utilization": 0.5}}
+
+
+def llm_engine(engine: str, llm_model: str | None = None) -> dict | None:
+    """The head engine's config for --engine/--llm-model (None: the embedded default for all
+    items); a bad --llm-model raises SystemExit with one line."""
+    if llm_model is None:
+        return LLM_ENGINES.get(engine)
+    if engine not in LLM_ENGINES:
+        raise SystemExit(f"demo: error: --llm-model needs an LLM --engine "
+                         f"({', '.join(LLM_ENGINES)}), not {engine!r}")
+    path = Path(llm_model).resolve()
+    if not (path / "config.json").is_file():
+        raise SystemExit(f"demo: error: --llm-model {llm_model}: not a Hugging Face model "
+                         f"directory (no config.json)")
+    return {**LLM_ENGINES[engine], "model": str(path)}
 
 
 def env() -> dict:
@@ -123,7 +144,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--llm-items", type=int, default=1000,
                    help="--engine smollm2: how many of the most popular items the LLM labels "
                         "(about 10 minutes for the whole demo on 2 cores at 1000)")
+    p.add_argument("--llm-model", default=None, metavar="DIR",
+                   help="--engine smollm2: this local model directory (e.g. a fine-tuned "
+                        "one from spark_jobs.finetune) instead of the packaged model")
     args = p.parse_args(argv)
+    llm = llm_engine(args.engine, args.llm_model)
     started = time.time()
     data = REPO / "data"
     data.mkdir(parents=True, exist_ok=True)
@@ -134,7 +159,6 @@ def main(argv: list[str] | None = None) -> int:
     step("prepare", [sys.executable, "-m", "spark_jobs.movielens", "--out", items,
                      "--metadata-out", data / "item_metadata"]
          + (["--limit", str(args.limit)] if args.limit else []))
-    llm = LLM_ENGINES.get(args.engine)
     routed = [] if llm is None else [
         "--engine", json.dumps(llm), "--tail-engine", "embedding", "--embed-engine", "embedding",
         "--popularity-column", "popularity", "--head-budget", str(args.llm_items)]

@@ -262,3 +262,83 @@ def test_every_problem_is_listed_one_per_line():
     assert problems[3].startswith("too few items per label") and "Comedy 1, War 1" in problems[3]
     assert core.check_split([1, 2], [2, 3], {1: "a", 2: "b", 3: "c"}) == [
         "held-out split overlaps training: item ids 2 are in both"]
+
+
+# ------------------------------------------------------------------ the report and the demo
+
+def test_the_report_scores_every_row_on_the_same_held_out_items(tiny, tmp_path, capsys):
+    """Baselines (MiniLM, zero-shot, 6-shot) and fine-tuned points, `all` included, on one
+    held-out sample; the few-shot prompt's example movies are never among the labels."""
+    from spark_jobs import finetune_report
+    from spark_jobs.compare_engines import FEWSHOT
+    from udfs.engines import model_name
+    from spark_jobs.demo import llm_engine
+
+    out = tmp_path / "report"
+    assert finetune_report.main([
+        "--movies", "200", "--sizes", "8,all", "--heldout", "10", "--model", str(tiny),
+        "--baselines", "minilm,zero-shot,few-shot", "--eval-engine", "transformers",
+        "--lr", "3e-3", "--out", str(out), "--keep-models"]) == 0
+    report = json.loads((out / "learning_curve.json").read_text())
+    assert [r["model"] for r in report["rows"]] == [
+        "MiniLM embedding, zero-shot", f"{tiny} zero-shot", f"{tiny} 6-shot",
+        f"{tiny} fine-tuned", f"{tiny} fine-tuned"]
+    assert all(r["strict_n"] == 10 and r["errors"] == 0 for r in report["rows"])
+    small, whole = report["rows"][3:]
+    assert (small["size"], small["train_items"]) == (8, 8)
+    assert whole["size"] == "all" and whole["train_items"] == report["train_pool"] > 8
+    shown = {e.text for e in load_spec(FEWSHOT).attribute("genre").examples}
+    for size in (8, "all"):
+        card = json.loads((out / f"smollm2-genre-{size}" / "card.json").read_text())
+        assert card["splits"]["heldout"]["ids_sha256"] == report["heldout_ids_sha256"]
+    items, labels = finetune_report.human_labels(200)
+    assert not set(finetune.plan(GENRE, labels, items, ["title", "tags"]).rows["text"]) & shown
+    printed = capsys.readouterr().out
+    assert f"| majority baseline | | | {report['majority_baseline']:.3f} |" in printed
+    assert f"| {tiny} fine-tuned | {report['train_pool']} |" in printed
+    # the kept `all` model is what the demo's --llm-model points vLLM at
+    config = llm_engine("smollm2", str(out / "smollm2-genre-all"))
+    assert config["type"] == "vllm" and config["model"] == str(out / "smollm2-genre-all")
+    assert model_name(config) == "vllm:smollm2-genre-all"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--sizes", "100,abc"], "--sizes takes positive integers and 'all', not 'abc'"),
+    (["--sizes", "0"], "--sizes takes positive integers and 'all', not '0'"),
+    (["--sizes", "all,all"], "--sizes needs at least one size, each once"),
+    (["--baselines", "gpt5"], "unknown --baselines ['gpt5']"),
+])
+def test_report_options_are_refused_with_one_line(argv, message, tmp_path, capsys):
+    from spark_jobs import finetune_report
+    assert finetune_report.main([*argv, "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("finetune_report: error: ") and message in err[0]
+    assert not (tmp_path / "r").exists()
+
+
+def test_the_readme_inputs_train_as_written(tiny, tmp_path):
+    """--write-inputs gives the human.csv and items.parquet README's fine-tuning example
+    passes to spark_jobs.finetune."""
+    from spark_jobs import finetune_report
+    assert finetune_report.main(["--write-inputs", str(tmp_path / "in"), "--movies", "200"]) == 0
+    labels = pd.read_csv(tmp_path / "in" / "human.csv")
+    items = pd.read_parquet(tmp_path / "in" / "items.parquet")
+    assert list(labels.columns) == ["item_id", "label"] and set(labels["label"]) <= set(GENRE.labels)
+    assert list(items.columns) == ["item_id", "title", "tags"] and len(items) > len(labels)
+    assert finetune.main(["--spec", str(SPEC), "--attribute", "genre",
+                          "--labels", str(tmp_path / "in" / "human.csv"),
+                          "--items", str(tmp_path / "in" / "items.parquet"),
+                          "--text-columns", "title,tags", "--out", str(tmp_path / "m"),
+                          "--model", str(tiny), "--max-train", "8",
+                          "--eval-engine", "none"]) == 0
+    assert (tmp_path / "m" / "config.json").exists()
+
+
+def test_the_demo_refuses_a_bad_llm_model_with_one_line(tmp_path):
+    from spark_jobs.demo import LLM_ENGINES, llm_engine
+    assert llm_engine("smollm2") == LLM_ENGINES["smollm2"] and llm_engine("embedding") is None
+    with pytest.raises(SystemExit, match=r"^demo: error: --llm-model .*: not a Hugging Face "
+                                         r"model directory \(no config.json\)$"):
+        llm_engine("smollm2", str(tmp_path))
+    with pytest.raises(SystemExit, match=r"^demo: error: --llm-model needs an LLM --engine"):
+        llm_engine("embedding", str(tmp_path))
