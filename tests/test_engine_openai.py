@@ -46,7 +46,8 @@ from udfs.annotator import annotate_texts, caption_texts
 from udfs.engines import build_engine, model_name
 from udfs.engines.hf import TransformersEngine
 from udfs.engines.openai import (RequestFailed, default_tokenize_url, group_nodes,
-                                 node_request, parse_node_logprobs, parse_prompt_logprobs,
+                                 node_request, parse_forced_logprobs, parse_node_logprobs,
+                                 parse_prompt_logprobs,
                                  parse_tokenize, reply_usage, tokenize_request)
 from udfs.engines.prompts import MalformedOutput, label_continuations, label_probabilities
 
@@ -70,6 +71,11 @@ def test_node_request_asks_for_exactly_the_ids_after_token_id_prompts():
                     "logprobs": 2, "logprob_token_ids": [7, 3],
                     "return_tokens_as_token_ids": True}
     assert "prompt_logprobs" not in body  # it would make vLLM skip its prefix cache
+    # a forced child: generated first (allowed_token_ids), the ids scored after it as well
+    assert node_request([(1, 5)], (7, 3), forced=7) == {
+        "prompt": [[1, 5]], "max_tokens": 2, "temperature": 0.0, "logprobs": 2,
+        "logprob_token_ids": [7, 3], "return_tokens_as_token_ids": True,
+        "allowed_token_ids": [7]}
 
 
 def test_group_nodes_keeps_each_request_within_vllms_id_limit():
@@ -106,6 +112,21 @@ def test_parse_node_logprobs_reads_by_id():
                                       "logprobs": {"top_logprobs": []}}]}):
         with pytest.raises(MalformedOutput):
             parse_node_logprobs(bad, [(7,)])
+
+
+def test_parse_forced_logprobs_reads_both_steps():
+    def reply(tokens, *steps):
+        return {"choices": [{"index": 0, "text": "x", "logprobs": {
+            "tokens": tokens, "token_logprobs": [-0.5] * len(tokens),
+            "top_logprobs": list(steps)}}]}
+    first = {"token_id:7": -2.0, "token_id:3": -1.0}
+    second = {"token_id:7": -0.5, "token_id:3": -6.0, "token_id:8": -3.0}
+    ok = reply(["token_id:7", "token_id:7"], first, second)
+    assert parse_forced_logprobs(ok, [7, 3], 7, [8, 3]) == ({7: -2.0, 3: -1.0}, {8: -3.0, 3: -6.0})
+    for bad in (reply(["token_id:3", "token_id:7"], first, second),  # not the forced token
+                reply(["token_id:7"], first)):  # no second step
+        with pytest.raises(MalformedOutput):
+            parse_forced_logprobs(bad, [7, 3], 7, [8])
 
 
 def test_parse_tokenize_and_its_url():
@@ -413,15 +434,22 @@ def test_node_requests_send_token_ids_root_first(proxied, proxy, spec):
     assert tokenised == {attribute.render(t) for t in TEXTS[:2]} | {
         f"{attribute.render(t)} {label}" for t in TEXTS[:2] for label in attribute.labels}
     nodes = [body for path, body in proxy.requests if path == "/v1/completions"]
-    assert all(b["max_tokens"] == 1 and b["temperature"] == 0 and b["logprob_token_ids"]
+    assert all(b["temperature"] == 0 and b["logprob_token_ids"]
                and all(isinstance(p, list) and all(isinstance(t, int) for t in p)
                        for p in b["prompt"])
                and b["return_tokens_as_token_ids"] is True and "prompt_logprobs" not in b
                and b["model"] == "tiny" for b in nodes)
-    # per text: the root alone, then its deeper nodes together, which extend the root's ids
-    assert [len(b["prompt"]) for b in nodes].count(1) == 2 and len(nodes) == 4
-    for root in (b["prompt"][0] for b in nodes if len(b["prompt"]) == 1):
-        deeper = [b for b in nodes if len(b["prompt"]) > 1 and b["prompt"][0][:len(root)] == root]
+    # per text: the root alone, one child forced (scored at the second step: the labels
+    # span several tokens), then its other deeper nodes together, which extend the root's ids
+    def extends(a, b):  # a's ids continue b's
+        return len(a) > len(b) and a[:len(b)] == b
+    roots = [b for b in nodes if not any(extends(b["prompt"][0], o["prompt"][0]) for o in nodes)]
+    assert len(roots) == 2 and all(len(b["prompt"]) == 1 for b in roots) and len(nodes) == 4
+    assert all(b["max_tokens"] == 2 and len(b["allowed_token_ids"]) == 1 for b in roots)
+    assert all(b["max_tokens"] == 1 and "allowed_token_ids" not in b
+               for b in nodes if b not in roots)
+    for root in (b["prompt"][0] for b in roots):
+        deeper = [b for b in nodes if extends(b["prompt"][0], root)]
         assert len(deeper) == 1 and nodes.index(deeper[0]) > [b["prompt"] for b in nodes].index(
             [root])
         assert all(p[:len(root)] == root and len(p) > len(root) for p in deeper[0]["prompt"])

@@ -28,7 +28,7 @@ from tests.tiny_llm import build_tiny_llm
 from udfs.engines import build_engine
 from udfs.engines.hf import TransformersEngine
 from udfs.engines.prompts import (MalformedOutput, label_continuations, label_nodes,
-                                  label_probabilities)
+                                  label_probabilities, plan_segments)
 from udfs.engines.vllm import VLLMEngine, node_logprobs, node_params
 from udfs.spec import Example
 
@@ -128,18 +128,23 @@ def test_captions_are_the_transformers_greedy_captions(engines, references, spec
     assert all(isinstance(c, str) for c in got)
 
 
-def test_one_request_per_trie_node_roots_first(engines, spec, monkeypatch):
-    """Two generate calls: every prompt's root, then the deeper nodes (which then find the
-    prompts' KV blocks in the prefix cache); each node asked once, for its children only."""
+def test_every_trie_node_is_scored_once_roots_first(engines, spec, monkeypatch):
+    """Two generate calls: every prompt's root (with one child forced, whose node is scored at
+    the second step), then the other deeper nodes (which find the prompts' KV blocks in the
+    prefix cache); each node scored once, for its children only."""
     engine = engines("bpe")
-    calls: list[list[tuple[tuple[int, ...], tuple[int, ...]]]] = []
+    calls: list[list[dict]] = []
     real = engine.llm.generate
 
     def spy(prompts, params, **kwargs):
-        calls.append([(tuple(p["prompt_token_ids"]), tuple(s.logprob_token_ids))
+        calls.append([{"prefix": tuple(p["prompt_token_ids"]), "ids": tuple(s.logprob_token_ids),
+                       "steps": s.max_tokens, "forced": s.allowed_token_ids}
                       for p, s in zip(prompts, params)])
-        assert all(s.max_tokens == 1 and s.temperature == 0.0 for s in params)
-        return real(prompts, params, **kwargs)
+        assert all(s.temperature == 0.0 for s in params)
+        outputs = real(prompts, params, **kwargs)
+        for request, out in zip(calls[-1], outputs):
+            request["generated"] = list(out.outputs[0].token_ids)
+        return outputs
 
     monkeypatch.setattr(engine.llm, "generate", spy)
     attribute = spec.attributes["vibe"]
@@ -151,14 +156,42 @@ def test_one_request_per_trie_node_roots_first(engines, spec, monkeypatch):
     expected = [label_nodes(*label_continuations(encode, attribute.render(t), attribute.labels))
                 for t in TEXTS[:2]]
     assert len(calls) == 2
-    assert calls[0] == [nodes[0] for nodes in expected]
-    assert sorted(calls[1]) == sorted(n for nodes in expected for n in nodes[1:])
-    # the token counts the job reports: every prompt sent, one token generated per node, and
-    # the deeper nodes read the prompts' full KV blocks from the prefix cache
-    asked = calls[0] + calls[1]
-    assert counts["prompt_tokens"] == sum(len(prefix) for prefix, _ in asked)
-    assert counts["generated_tokens"] == len(asked)
+    assert [r["prefix"] for r in calls[0]] == [nodes[0][0] for nodes in expected]
+    scored = []  # (node, the ids asked at it), from what each request asked and generated
+    for request in calls[0] + calls[1]:
+        scored.append(request["prefix"])
+        if request["forced"] is None:
+            assert request["steps"] == 1
+        else:  # the forced child was generated, then scored one step later
+            (forced,) = request["forced"]
+            assert request["steps"] == 2 and request["generated"][0] == forced
+            scored.append(request["prefix"] + (forced,))
+    everything = [n for nodes in expected for n in nodes]
+    assert sorted(scored) == sorted(prefix for prefix, _ in everything)  # each node once
+    asked = {r["prefix"]: set(r["ids"]) for r in calls[0] + calls[1]}
+    for prefix, children in everything:  # at most the children of the nodes it scores
+        owner = prefix if prefix in asked else prefix[:-1]
+        assert set(children) <= asked[owner]
+    assert any(r["forced"] for r in calls[0]), "no label of several tokens: nothing forced"
+    # the token counts the job reports: every prompt sent, each token generated, and the
+    # deeper nodes read the prompts' full KV blocks from the prefix cache
+    assert counts["prompt_tokens"] == sum(len(r["prefix"]) for r in calls[0] + calls[1])
+    assert counts["generated_tokens"] == sum(len(r["generated"]) for r in calls[0] + calls[1])
     assert counts["cached_tokens"] >= 32 * len(calls[1])
+
+
+def test_segments_score_each_node_once_forcing_leaves_first():
+    # a root (0,) with labels [1], [2, 3], [4, 5, 6], [4, 7]: nodes (0,), (0,2), (0,4), (0,4,5)
+    children = {(0,): (1, 2, 4), (0, 2): (3,), (0, 4): (5, 7), (0, 4, 5): (6,)}
+    first, second = plan_segments(children, {(0,)})
+    assert first == [((0,), (1, 2, 4), 2, (3,))]  # (0,2) has no deeper node: forced first
+    assert second == [((0, 4), (5, 7), 5, (6,))]  # the chain from where it branches
+    # within vLLM's id limit per request: no child forced when the union would exceed it
+    assert plan_segments(children, {(0,)}, max_ids=3) == (
+        [((0,), (1, 2, 4), None, ())],
+        [((0, 2), (3,), None, ()), ((0, 4), (5, 7), 5, (6,))])
+    # labels of one token: the root alone
+    assert plan_segments({(0,): (1, 2)}, {(0,)}) == ([((0,), (1, 2), None, ())], [])
 
 
 def test_logprobs_must_stay_raw(models):
@@ -169,27 +202,38 @@ def test_logprobs_must_stay_raw(models):
 def test_node_params_ask_for_the_children_only():
     assert node_params([7, 9]) == {"temperature": 0.0, "max_tokens": 1,
                                    "logprob_token_ids": [7, 9], "detokenize": False}
+    assert node_params([7, 9], 9, [3, 7]) == {  # 9 forced, then 9's children scored
+        "temperature": 0.0, "max_tokens": 2, "allowed_token_ids": [9],
+        "logprob_token_ids": [7, 9, 3], "detokenize": False}
 
 
-def _output(logprobs):
+def _output(*steps, generated=(3,)):
     from vllm.logprobs import Logprob
     from vllm.outputs import CompletionOutput, RequestOutput
-    position = None if logprobs is None else [
-        {token: Logprob(lp, rank=1) for token, lp in logprobs.items()}]
-    completion = CompletionOutput(index=0, text="", token_ids=[3], cumulative_logprob=None,
-                                  logprobs=position)
+    positions = None if steps == (None,) else [
+        {token: Logprob(lp, rank=1) for token, lp in step.items()} for step in steps]
+    completion = CompletionOutput(index=0, text="", token_ids=list(generated),
+                                  cumulative_logprob=None, logprobs=positions)
     return RequestOutput(request_id="0", prompt=None, prompt_token_ids=[1, 2],
                          prompt_logprobs=None, outputs=[completion], finished=True)
 
 
 def test_a_missing_probability_is_an_error_never_one():
-    assert node_logprobs(_output({3: -0.1, 7: -1.5, 9: -2.0}), [7, 9]) == {7: -1.5, 9: -2.0}
+    assert node_logprobs(_output({3: -0.1, 7: -1.5, 9: -2.0}), [7, 9]) == (
+        {7: -1.5, 9: -2.0}, {})
     with pytest.raises(MalformedOutput, match="no logprobs"):
         node_logprobs(_output(None), [7])
     with pytest.raises(MalformedOutput, match="no finite logprob for token 9"):
         node_logprobs(_output({3: -0.1, 7: -1.5}), [7, 9])
     with pytest.raises(MalformedOutput, match="no finite logprob"):  # a masked distribution
         node_logprobs(_output({7: float("-inf")}), [7])
+    # a forced child: its children are read at the second step, never the first
+    two = _output({7: -1.5, 9: -2.0, 3: -0.2}, {7: -0.3, 9: -4.0, 3: -9.0}, generated=(9, 9))
+    assert node_logprobs(two, [7, 9], 9, [3]) == ({7: -1.5, 9: -2.0}, {3: -9.0})
+    for bad in (_output({7: -1.5, 9: -2.0}, {3: -1.0}, generated=(7, 9)),  # not the forced id
+                _output({7: -1.5, 9: -2.0}, generated=(9,))):  # no second step
+        with pytest.raises(MalformedOutput, match="was forced"):
+            node_logprobs(bad, [7, 9], 9, [3])
 
 
 def test_without_vllm_a_clear_import_error(monkeypatch):

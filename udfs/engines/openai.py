@@ -18,7 +18,9 @@ token id, in one of two request shapes (`scoring`):
   prompt's ids, whose children are the labels' first tokens) is one completion with
   `max_tokens: 1`, `temperature: 0` and vLLM's `logprob_token_ids` set to its children (with
   `return_tokens_as_token_ids`, so the reply's top_logprobs are keyed "token_id:<id>", never
-  by decoded string). Once it is answered, the deeper nodes go in one more request (several
+  by decoded string); where a label has several tokens, one child is forced as the generated
+  token (`allowed_token_ids`, `max_tokens: 2`) and its node is scored at the second step
+  (prompts.plan_segments). Once it is answered, the other deeper nodes go in one more request (several
   if their children exceed vLLM's 128 ids), a list of token-id prompts with
   logprob_token_ids = the union of their children: they find the prompt's KV blocks in
   vLLM's prefix cache and compute only the tokens past its last full block. vLLM reads these
@@ -48,7 +50,8 @@ import httpx
 import numpy as np
 
 from udfs.engines.prompts import (LabelScoringEngine, MalformedOutput, Node, caption_request,
-                                  continuation_logliks, label_continuations, label_nodes)
+                                  continuation_logliks, label_continuations, label_nodes,
+                                  plan_segments)
 from udfs.spec import Attribute, Caption
 
 SCORING = ("nodes", "prompt_logprobs")
@@ -154,25 +157,31 @@ def parse_tokenize(reply: object) -> list[int]:
             from None
 
 
-def node_request(prefixes: Sequence[Sequence[int]], token_ids: Sequence[int]) -> dict:
+def node_request(prefixes: Sequence[Sequence[int]], token_ids: Sequence[int],
+                 forced: int | None = None) -> dict:
     """Body (less the model) asking for the log-probabilities of `token_ids` after each of the
     token-id prompts `prefixes` (one completion request, one choice per prompt): vLLM's
     logprob_token_ids (which needs `logprobs` set; the server then returns exactly those ids
-    besides the generated one), keyed by id in the reply."""
-    return {"prompt": [[int(t) for t in prefix] for prefix in prefixes], "max_tokens": 1,
+    besides the generated one), keyed by id in the reply. forced: a token generated first
+    (vLLM's allowed_token_ids, applied after the raw log-probabilities are taken), so that
+    the same ids are scored after it too, one decode step later."""
+    body = {"prompt": [[int(t) for t in prefix] for prefix in prefixes], "max_tokens": 1,
             "temperature": 0.0, "logprobs": len(token_ids),
             "logprob_token_ids": [int(t) for t in token_ids],
             "return_tokens_as_token_ids": True}
+    if forced is not None:
+        body.update(max_tokens=2, allowed_token_ids=[int(forced)])
+    return body
 
 
-def _choice_logprobs(choice: dict, children: Sequence[int]) -> dict[int, float]:
+def _choice_logprobs(choice: dict, children: Sequence[int], step: int = 0) -> dict[int, float]:
     logprobs = choice.get("logprobs")
     top = logprobs.get("top_logprobs") if isinstance(logprobs, dict) else None
-    if not isinstance(top, list) or not top or not isinstance(top[0], dict):
+    if not isinstance(top, list) or len(top) <= step or not isinstance(top[step], dict):
         raise MalformedOutput("reply has no logprobs; the server must support vLLM's "
                               "`logprob_token_ids`, or use scoring: prompt_logprobs: "
                               f"{str(choice)[:200]}")
-    position = top[0]
+    position = top[step]
     by_id: dict[int, float] = {}
     for key, value in position.items():
         if not (isinstance(key, str) and key.startswith(TOKEN_ID_PREFIX)):
@@ -212,6 +221,21 @@ def parse_node_logprobs(reply: object, children: Sequence[Sequence[int]]
     if sorted(choices) != list(range(len(children))):
         raise MalformedOutput(f"{len(children)} prompts but choices {sorted(choices)}")
     return [_choice_logprobs(choices[i], kids) for i, kids in enumerate(children)]
+
+
+def parse_forced_logprobs(reply: object, children: Sequence[int], forced: int,
+                          next_children: Sequence[int]) -> tuple[dict[int, float],
+                                                                 dict[int, float]]:
+    """From the reply to node_request([prefix], ids, forced): the children's log-probabilities
+    after the prefix, and next_children's after the forced token, which the reply must show
+    as its first generated token."""
+    choice = _first_choice(reply)
+    here = _choice_logprobs(choice, children)  # also checks the logprobs are keyed by id
+    tokens = choice["logprobs"].get("tokens")
+    if not isinstance(tokens, list) or tokens[:1] != [f"{TOKEN_ID_PREFIX}{forced}"]:
+        raise MalformedOutput(f"the server generated {str(tokens)[:100]} where token {forced} "
+                              "was forced (allowed_token_ids)")
+    return here, _choice_logprobs(choice, next_children, 1)
 
 
 def group_nodes(nodes: Sequence[Node], max_ids: int = MAX_LOGPROB_TOKEN_IDS
@@ -353,11 +377,21 @@ class OpenAIEngine(LabelScoringEngine):
 
     def _loglik_nodes(self, part: str, prompt: str, labels: Sequence[str]) -> np.ndarray:
         context, conts = label_continuations(self._encode, prompt, labels)
-        root, *deeper = label_nodes(context, conts)  # the root (the prompt) comes first
-        logprob = self._nodes(part, [root])
+        context = tuple(context)
+        nodes = label_nodes(context, conts)  # the root (the prompt) comes first
+        # the root, and one child forced in the same request (prompts.plan_segments)
+        ((_, kids, forced, next_kids),), _ = plan_segments(
+            dict(nodes), {context}, MAX_LOGPROB_TOKEN_IDS)
+        if forced is None:
+            logprob = self._nodes(part, nodes[:1])
+        else:
+            reply = self._complete(part, node_request(
+                [context], list(dict.fromkeys([*kids, *next_kids])), forced))
+            here, after = parse_forced_logprobs(reply, kids, forced, next_kids)
+            logprob = {context: here, context + (forced,): after}
+        deeper = [node for node in nodes if node[0] not in logprob]
         if deeper:  # once the root is computed: its KV blocks are in the prefix cache
             logprob.update(self._nodes(part, deeper))
-        context = tuple(context)
         return np.array([sum(logprob[context + tuple(ids[:i])][t] for i, t in enumerate(ids))
                          for ids in conts], dtype=np.float64)
 

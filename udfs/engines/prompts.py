@@ -130,15 +130,55 @@ def label_nodes(context: Sequence[int], continuations: Sequence[Sequence[int]]) 
     return [(prefix, tuple(tokens)) for prefix, tokens in children.items()]
 
 
+#: one request: a trie node (prefix, the children scored there) and, optionally, one child
+#: forced as the generated token so its own children are scored at the next position
+#: (forced id, its children); (prefix, children, None, ()) scores the node alone
+Segment = tuple[tuple[int, ...], tuple[int, ...], int | None, tuple[int, ...]]
+
+
+def plan_segments(children: dict[tuple[int, ...], Sequence[int]], roots: set[tuple[int, ...]],
+                  max_ids: int | None = None) -> tuple[list[Segment], list[Segment]]:
+    """The requests that score every trie node once, in two waves: (roots, deeper).
+
+    children: every node's prefix -> the tokens scored after it (all prompts' tries merged,
+    parents before children). A request scores its node and, by forcing one child as the
+    generated token, that child's node in the same sequence, for the cost of one decode step
+    instead of a request of its own (which would recompute the prompt's last, partial KV
+    block: vLLM caches whole blocks only). A child with no deeper nodes of its own is forced
+    first, so the chains left for the second wave start where they branch. max_ids bounds
+    the ids one request scores (vLLM's limit on logprob_token_ids).
+    """
+    covered: set[tuple[int, ...]] = set()
+
+    def inner(node: tuple[int, ...]) -> list[tuple[int, ...]]:
+        return [node + (t,) for t in children[node] if node + (t,) in children]
+
+    def segment(node: tuple[int, ...]) -> Segment:
+        covered.add(node)
+        here = tuple(children[node])
+        options = [c for c in inner(node) if c not in covered and (
+            max_ids is None or len({*here, *children[c]}) <= max_ids)]
+        if not options:
+            return node, here, None, ()
+        child = min(options, key=lambda c: bool(inner(c)))  # a leaf first, else in order
+        covered.add(child)
+        return node, here, child[-1], tuple(children[child])
+
+    first = [segment(p) for p in children if p in roots and p not in covered]
+    second = [segment(p) for p in children if p not in covered]
+    return first, second
+
+
 def score_labels(encode: Callable[[str], Sequence[int]], prompts: Sequence[str],
                  labels: Sequence[str],
-                 run: Callable[[list[Node]], list[dict[int, float]]],
-                 sep: str = " ") -> np.ndarray:
+                 run: Callable[[list[Segment]], list[tuple[dict[int, float], dict[int, float]]]],
+                 sep: str = " ", max_ids: int | None = None) -> np.ndarray:
     """Summed log-likelihood of each label after each prompt: [prompts, labels].
 
-    run: for distinct trie nodes, the log-probabilities of their children (one engine
-    call). The roots go in one call, the deeper nodes in a second, which finds the roots'
-    KV blocks in the prefix cache.
+    run: for segments (plan_segments), the log-probabilities of the children scored at the
+    node and, where a child is forced, at that child ({} otherwise); one engine call. The
+    roots go in one call, the deeper nodes in a second, which finds the roots' KV blocks in
+    the prefix cache.
     """
     tries = [label_continuations(encode, p, labels, sep) for p in prompts]
     children: dict[tuple[int, ...], dict[int, None]] = {}  # merged over prompts, in order
@@ -147,9 +187,12 @@ def score_labels(encode: Callable[[str], Sequence[int]], prompts: Sequence[str],
             children.setdefault(prefix, {}).update(dict.fromkeys(tokens))
     roots = {tuple(context) for context, _ in tries}
     logprob: dict[tuple[int, ...], dict[int, float]] = {}
-    for wave in ([p for p in children if p in roots], [p for p in children if p not in roots]):
+    for wave in plan_segments(children, roots, max_ids):
         if wave:
-            logprob.update(zip(wave, run([(p, tuple(children[p])) for p in wave])))
+            for (prefix, _, forced, _), (here, after) in zip(wave, run(wave)):
+                logprob[prefix] = here
+                if forced is not None:
+                    logprob[prefix + (forced,)] = after
     return np.array([[sum(logprob[tuple(context) + tuple(ids[:i])][t] for i, t in enumerate(ids))
                       for ids in conts] for context, conts in tries],
                     dtype=np.float64).reshape(len(prompts), len(labels))

