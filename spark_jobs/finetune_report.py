@@ -1,9 +1,9 @@
 """MovieLens genres: baselines against SmolLM2 fine-tuned, with the learning curve, one run.
 
-    python -m spark_jobs.finetune_report [--movies 4000] [--sizes 100,300,1000,all]
+    python -m spark_jobs.finetune_report [--movies 5000] [--sizes 100,300,1000,all]
         [--heldout 120] [--baselines minilm,zero-shot,few-shot] [--eval-engine vllm]
         [--out artifacts/quality/finetune] [--keep-models]
-    python -m spark_jobs.finetune_report --write-inputs DIR [--movies 4000]
+    python -m spark_jobs.finetune_report --write-inputs DIR [--movies 5000]
 
 Human labels: the single-genre movies among the first --movies (MovieLens genres folded onto
 the genre spec's labels as spark_jobs.evaluate folds them; text = title + user tags, never the
@@ -139,7 +139,9 @@ def write_inputs(out: Path, movies: int) -> None:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="finetune_report", description=__doc__.split("\n\n")[0])
-    p.add_argument("--movies", type=int, default=4000)
+    p.add_argument("--movies", type=int, default=5000,
+                   help="the first N MovieLens movies (5000: 1,256 training items, so the "
+                        "1000 point is not the whole split)")
     p.add_argument("--sizes", default="100,300,1000,all",
                    help="training items per learning-curve point; 'all': the whole split")
     p.add_argument("--heldout", type=int, default=120, help="held-out items scored")
