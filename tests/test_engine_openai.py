@@ -82,8 +82,9 @@ def test_group_nodes_keeps_each_request_within_vllms_id_limit():
     nodes = [((1,), (2, 3)), ((1, 2), (4,)), ((1, 3), (5, 6)), ((1, 2, 4), (2,))]
     assert group_nodes(nodes) == [(nodes, [2, 3, 4, 5, 6])]
     assert group_nodes(nodes, max_ids=3) == [(nodes[:2], [2, 3, 4]), (nodes[2:], [5, 6, 2])]
-    with pytest.raises(MalformedOutput, match="distinct next tokens"):
-        group_nodes([((1,), tuple(range(5)))], max_ids=4)
+    # more children after one prefix than one request may ask for: asked in parts
+    assert group_nodes([((1,), tuple(range(5)))], max_ids=4) == [
+        ([((1,), (0, 1, 2, 3))], [0, 1, 2, 3]), ([((1,), (4,))], [4])]
 
 
 def reply_of(*positions):
@@ -356,6 +357,19 @@ def check_agreement(engine, reference, spec, texts=TEXTS):
         np.testing.assert_allclose(out.confidences, expected.max(axis=1), atol=1e-4)
         np.testing.assert_allclose(
             label_probabilities(engine.label_loglik(texts, attribute)), expected, atol=1e-4)
+
+
+def test_more_label_tokens_than_one_request_may_ask_for(server, references, spec,
+                                                       monkeypatch):
+    """Past vLLM's 128 logprob_token_ids per request (a large label set), the root and any
+    node are asked in parts: the same numbers. The limit is lowered so the labels split."""
+    import udfs.engines.openai as openai_engine
+    monkeypatch.setattr(openai_engine, "MAX_LOGPROB_TOKEN_IDS", 2)
+    eng = make_engine(server.base_url, scoring="nodes")
+    try:
+        check_agreement(eng, references["bpe"], spec)
+    finally:
+        eng.close()
 
 
 def test_the_labels_span_several_tokens_and_share_first_ones(references, spec):

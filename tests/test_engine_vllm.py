@@ -192,6 +192,20 @@ def test_segments_score_each_node_once_forcing_leaves_first():
         [((0, 2), (3,), None, ()), ((0, 4), (5, 7), 5, (6,))])
     # labels of one token: the root alone
     assert plan_segments({(0,): (1, 2)}, {(0,)}) == ([((0,), (1, 2), None, ())], [])
+    # more first tokens than one request may ask for: the rest after the roots, same prefix
+    assert plan_segments({(0,): (1, 2, 3, 4, 5)}, {(0,)}, max_ids=2) == (
+        [((0,), (1, 2), None, ())], [((0,), (3, 4), None, ()), ((0,), (5,), None, ())])
+
+
+def test_more_label_tokens_than_one_request_may_ask_for(engines, references, spec, monkeypatch):
+    """Past vLLM's 128 logprob_token_ids per request (a large label set), a node is scored
+    in parts: the same numbers. The limit is lowered here, so the tiny model's labels split."""
+    import udfs.engines.vllm as vllm_engine
+    monkeypatch.setattr(vllm_engine, "MAX_LOGPROB_TOKEN_IDS", 2)
+    engine, attribute = engines("bpe"), spec.attributes["vibe"]
+    expected = label_probabilities(references["bpe"].label_loglik(TEXTS, attribute))
+    np.testing.assert_allclose(label_probabilities(engine.label_loglik(TEXTS, attribute)),
+                               expected, atol=1e-4)
 
 
 def test_logprobs_must_stay_raw(models):

@@ -241,13 +241,13 @@ def parse_forced_logprobs(reply: object, children: Sequence[int], forced: int,
 def group_nodes(nodes: Sequence[Node], max_ids: int = MAX_LOGPROB_TOKEN_IDS
                 ) -> list[tuple[list[Node], list[int]]]:
     """Nodes packed into requests, in order: each request's ids (the union of its nodes'
-    children) at most max_ids long, vLLM's limit on logprob_token_ids."""
+    children) at most max_ids long, vLLM's limit on logprob_token_ids; a node with more
+    children is asked in parts, one prompt per part."""
     groups: list[tuple[list[Node], list[int]]] = []
-    for node in nodes:
-        children = list(dict.fromkeys(node[1]))
-        if len(children) > max_ids:
-            raise MalformedOutput(f"{len(children)} distinct next tokens after one prefix; "
-                                  f"the server returns at most {max_ids}")
+    parts = [(tuple(prefix), tuple(kids[i:i + max_ids])) for prefix, kids in
+             ((p, list(dict.fromkeys(c))) for p, c in nodes) for i in range(0, len(kids), max_ids)]
+    for node in parts:
+        children = list(node[1])
         if groups:
             members, ids = groups[-1]
             union = list(dict.fromkeys([*ids, *children]))
@@ -369,10 +369,11 @@ class OpenAIEngine(LabelScoringEngine):
                ) -> dict[tuple[int, ...], dict[int, float]]:
         """The children's log-probabilities of every node: one request per group of nodes."""
         out: dict[tuple[int, ...], dict[int, float]] = {}
-        for members, ids in group_nodes(nodes):
+        for members, ids in group_nodes(nodes, MAX_LOGPROB_TOKEN_IDS):
             reply = self._complete(part, node_request([p for p, _ in members], ids))
             found = parse_node_logprobs(reply, [c for _, c in members])
-            out.update(zip((tuple(p) for p, _ in members), found))
+            for (prefix, _), logprobs in zip(members, found):
+                out.setdefault(tuple(prefix), {}).update(logprobs)
         return out
 
     def _loglik_nodes(self, part: str, prompt: str, labels: Sequence[str]) -> np.ndarray:
@@ -380,18 +381,21 @@ class OpenAIEngine(LabelScoringEngine):
         context = tuple(context)
         nodes = label_nodes(context, conts)  # the root (the prompt) comes first
         # the root, and one child forced in the same request (prompts.plan_segments)
-        ((_, kids, forced, next_kids),), _ = plan_segments(
-            dict(nodes), {context}, MAX_LOGPROB_TOKEN_IDS)
+        first, second = plan_segments(dict(nodes), {context}, MAX_LOGPROB_TOKEN_IDS)
+        ((_, kids, forced, next_kids),) = first
         if forced is None:
-            logprob = self._nodes(part, nodes[:1])
+            logprob = self._nodes(part, [(context, kids)])
         else:
             reply = self._complete(part, node_request(
                 [context], list(dict.fromkeys([*kids, *next_kids])), forced))
             here, after = parse_forced_logprobs(reply, kids, forced, next_kids)
             logprob = {context: here, context + (forced,): after}
-        deeper = [node for node in nodes if node[0] not in logprob]
+        # the other nodes, and the root's children past vLLM's id limit
+        deeper = [node for node in nodes if node[0] not in logprob] + [
+            (prefix, ids) for prefix, ids, _, _ in second if prefix == context]
         if deeper:  # once the root is computed: its KV blocks are in the prefix cache
-            logprob.update(self._nodes(part, deeper))
+            for prefix, logprobs in self._nodes(part, deeper).items():
+                logprob.setdefault(prefix, {}).update(logprobs)
         return np.array([sum(logprob[context + tuple(ids[:i])][t] for i, t in enumerate(ids))
                          for ids in conts], dtype=np.float64)
 

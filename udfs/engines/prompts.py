@@ -146,16 +146,22 @@ def plan_segments(children: dict[tuple[int, ...], Sequence[int]], roots: set[tup
     instead of a request of its own (which would recompute the prompt's last, partial KV
     block: vLLM caches whole blocks only). A child with no deeper nodes of its own is forced
     first, so the chains left for the second wave start where they branch. max_ids bounds
-    the ids one request scores (vLLM's limit on logprob_token_ids).
+    the ids one request scores (vLLM's limit on logprob_token_ids): a node with more children
+    is scored in several requests, the first in its wave, the others in the second (where
+    the prompt's KV blocks are cached).
     """
     covered: set[tuple[int, ...]] = set()
+    extra: list[Segment] = []  # the rest of a node's children past max_ids, same prefix
 
     def inner(node: tuple[int, ...]) -> list[tuple[int, ...]]:
         return [node + (t,) for t in children[node] if node + (t,) in children]
 
     def segment(node: tuple[int, ...]) -> Segment:
         covered.add(node)
-        here = tuple(children[node])
+        ids = tuple(children[node])
+        step = max_ids or len(ids) or 1
+        here = ids[:step]
+        extra.extend((node, ids[i:i + step], None, ()) for i in range(step, len(ids), step))
         options = [c for c in inner(node) if c not in covered and (
             max_ids is None or len({*here, *children[c]}) <= max_ids)]
         if not options:
@@ -166,7 +172,7 @@ def plan_segments(children: dict[tuple[int, ...], Sequence[int]], roots: set[tup
 
     first = [segment(p) for p in children if p in roots and p not in covered]
     second = [segment(p) for p in children if p not in covered]
-    return first, second
+    return first, second + extra
 
 
 def score_labels(encode: Callable[[str], Sequence[int]], prompts: Sequence[str],
@@ -190,9 +196,9 @@ def score_labels(encode: Callable[[str], Sequence[int]], prompts: Sequence[str],
     for wave in plan_segments(children, roots, max_ids):
         if wave:
             for (prefix, _, forced, _), (here, after) in zip(wave, run(wave)):
-                logprob[prefix] = here
+                logprob.setdefault(prefix, {}).update(here)
                 if forced is not None:
-                    logprob[prefix + (forced,)] = after
+                    logprob.setdefault(prefix + (forced,), {}).update(after)
     return np.array([[sum(logprob[tuple(context) + tuple(ids[:i])][t] for i, t in enumerate(ids))
                       for ids in conts] for context, conts in tries],
                     dtype=np.float64).reshape(len(prompts), len(labels))
