@@ -280,6 +280,30 @@ def table_rows(annotated: DataFrame, rows: DataFrame, table: AnnotationSchema,
 
 # --- the run -----------------------------------------------------------------------------
 
+def tuned_model_notes(spec: Spec, engines: list[dict]) -> list[str]:
+    """One line per engine whose model directory is a spark_jobs.finetune output (it has a
+    card.json) and this spec asks it what it was not trained on: attributes other than the
+    card's, or the card's attribute at another version (its definition changed since)."""
+    notes = []
+    for config in engines:
+        card_path = Path(str(config.get("model", ""))) / "card.json"
+        try:
+            card = json.loads(card_path.read_text())
+            tuned, version = card["attribute"], card["attribute_version"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        name = card_path.parent.name
+        if tuned in spec.attributes and spec.attribute(tuned).version != version:
+            notes.append(f"{name} was fine-tuned on {tuned} version {version}; this spec's "
+                         f"{tuned} is version {spec.attribute(tuned).version} (its definition "
+                         "changed since): fine-tune again on the new definition")
+        others = [a for a in spec.attributes if a != tuned]
+        if others:
+            notes.append(f"{name} was fine-tuned on {tuned} only; it answers "
+                         f"{', '.join(others)} (and any caption) untrained")
+    return notes
+
+
 def _fault(step: str) -> None:
     """Fault injection for the commit-protocol tests: ANNOFEAT_FAULT=<step> kills the driver
     at that step, as a crash or a SIGKILL would (no cleanup runs)."""
@@ -358,6 +382,8 @@ def run(spark: SparkSession, spec: Spec, items: DataFrame, output: str,
         raise JobError(str(exc)) from None
     query = sql or default_query(text_columns)
     say = lambda msg: progress(f"[annotate] {msg}", flush=True)  # noqa: E731
+    for note in tuned_model_notes(spec, [engine] + ([routing.engine] if routing else [])):
+        say(f"note: {note}")
 
     # The query's shape is checked on an empty view before any engine work (the semantic
     # ID, whose quantiser is not fitted yet, in the passes).

@@ -166,6 +166,24 @@ def test_the_card_says_what_was_trained(trained, data, tiny):
     assert 0 <= m["strict_accuracy"] <= 1 and 0 < m["majority_baseline"] <= 1
 
 
+def test_the_annotate_job_says_what_a_tuned_model_was_not_trained_on(trained):
+    """Its card tells the annotate job: other attributes, or the attribute redefined."""
+    import dataclasses
+    from spark_jobs.annotate import tuned_model_notes
+    engine = {"type": "vllm", "model": str(trained["out"])}
+    spec = load_spec(SPEC)
+    assert tuned_model_notes(spec, [engine]) == []  # asked what it was trained for
+    demo = load_spec(ROOT / "specs" / "movielens.yaml")
+    (note,) = tuned_model_notes(demo, [engine, {"type": "embedding"}])
+    assert note == ("model was fine-tuned on genre only; it answers vibe, audience "
+                    "(and any caption) untrained")
+    redefined = dataclasses.replace(spec, attributes={"genre": dataclasses.replace(
+        GENRE, definitions=("Another definition.", *GENRE.definitions[1:]))})
+    assert redefined.attribute("genre").version != GENRE.version
+    (note,) = tuned_model_notes(redefined, [engine])
+    assert f"fine-tuned on genre version {GENRE.version}" in note and "changed since" in note
+
+
 def test_the_transformers_engine_loads_what_was_learned(trained, tiny, data):
     """The saved model, loaded as it is, scores the training labels higher than the base."""
     card = trained["card"]
