@@ -52,6 +52,7 @@ from udfs.engines.openai import (RequestFailed, default_tokenize_url, group_node
 from udfs.engines.prompts import MalformedOutput, label_continuations, label_probabilities
 
 SLOW_S = 12.0  # the proxy holds a [slow] reply back this long; the client waits 4 s
+HOLD_S = 20.0  # the longest a held request waits for the others (under the client timeout)
 SCORINGS = ["nodes", "prompt_logprobs"]
 TEXTS = [
     "Alien (1979). Genres: Horror, Sci-Fi",
@@ -190,7 +191,7 @@ class FaultProxy:
     def __init__(self, upstream: VLLMServer):
         self.upstream = upstream
         self.client = httpx.Client(timeout=120)
-        self.lock = threading.Lock()
+        self.lock = threading.Condition()
         self.detok: dict[tuple[int, ...], str] = {}
         self.reset()
         proxy = self
@@ -203,6 +204,11 @@ class FaultProxy:
                 with proxy.lock:
                     proxy.in_flight += 1
                     proxy.max_in_flight = max(proxy.max_in_flight, proxy.in_flight)
+                    proxy.lock.notify_all()
+                    # hold: wait for that many in flight at once, so a loaded machine's
+                    # late thread start cannot pass for a concurrency bound
+                    proxy.lock.wait_for(lambda: proxy.max_in_flight >= proxy.hold,
+                                        timeout=HOLD_S)
                 try:
                     time.sleep(proxy.delay)
                     status, payload = proxy.handle(self.path, body, dict(self.headers))
@@ -227,9 +233,9 @@ class FaultProxy:
         self.root_url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
         self.base_url = f"{self.root_url}/v1"
 
-    def reset(self, delay: float = 0.0) -> None:
+    def reset(self, delay: float = 0.0, hold: int = 0) -> None:
         with self.lock:
-            self.delay = delay
+            self.delay, self.hold = delay, hold
             self.requests: list[tuple[str, dict]] = []
             self.headers: list[dict] = []
             self.seen: dict[str, int] = {}
@@ -578,7 +584,7 @@ def test_caption_failures_are_row_errors(proxy, spec):
 
 
 def test_concurrency_is_bounded(proxy, spec):
-    proxy.reset(delay=0.5)
+    proxy.reset(delay=0.5, hold=4)
     eng = make_engine(proxy.base_url, concurrency=4)
     try:
         texts = [f"Film {i}" for i in range(16)]
