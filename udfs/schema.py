@@ -12,7 +12,13 @@ attribute alone.
     event_timestamp           when this row's values became valid (see docs/ARCHITECTURE.md)
     created_timestamp         when the row was written (Feast keeps the newest)
     content_hash              sha256 of the item text the row describes
-    <attr>_label, <attr>_confidence, <attr>_version        per attribute
+    <attr>_label, <attr>_confidence, <attr>_version        per single-label attribute
+    <attr>_label, <attr>_confidence, <attr>_value, <attr>_version
+                                                            per ordinal attribute (the value is
+        the expected value of the labels' numbers under the label distribution)
+    <attr>_labels, <attr>_scores, <attr>_version            per multi-label attribute: the
+        chosen labels (array<string>, spec order) and every label's probability
+        (array<double>, aligned with the spec's labels)
     caption, caption_tokens, caption_version                when the spec has a caption
     semantic_id, semantic_id_tokens, semantic_id_version    when the spec has a semantic ID:
         the code path (array<int32>, one code per level), one int64 token per prefix
@@ -20,7 +26,7 @@ attribute alone.
     model, labelled_by, spec_version, error                 provenance
 
 Types are neutral names ("string", "int64", "double", "timestamp", "array<int64>",
-"array<int32>") that map to Spark DDL, Arrow and Feast types; this module imports neither
+"array<int32>", "array<string>", "array<double>") that map to Spark DDL, Arrow and Feast types; this module imports neither
 Spark nor Feast.
 """
 from __future__ import annotations
@@ -34,7 +40,7 @@ from functools import cached_property
 from udfs.spec import Spec
 
 STRING, INT64, DOUBLE, TIMESTAMP, TOKENS = "string", "int64", "double", "timestamp", "array<int64>"
-CODES = "array<int32>"
+CODES, LABELS, SCORES = "array<int32>", "array<string>", "array<double>"
 ID_TYPES = (STRING, INT64)
 CAPTION = "caption"  # the caption's part name; attributes are named by the spec
 SEMANTIC_ID = "semantic_id"  # the semantic ID's part name, and its code-path column
@@ -46,7 +52,8 @@ CAPTION_TOKENS, CAPTION_VERSION = "caption_tokens", "caption_version"
 SEMANTIC_ID_TOKENS, SEMANTIC_ID_VERSION = "semantic_id_tokens", "semantic_id_version"
 
 _SPARK = {STRING: "string", INT64: "bigint", DOUBLE: "double", TIMESTAMP: "timestamp",
-          TOKENS: "array<bigint>", CODES: "array<int>"}
+          TOKENS: "array<bigint>", CODES: "array<int>", LABELS: "array<string>",
+          SCORES: "array<double>"}
 
 
 class SchemaError(ValueError):
@@ -63,6 +70,21 @@ def confidence(attribute: str) -> str:
 
 def version(part: str) -> str:
     return f"{part}_version"
+
+
+def labels(attribute: str) -> str:
+    """A multi-label attribute's chosen labels."""
+    return f"{attribute}_labels"
+
+
+def scores(attribute: str) -> str:
+    """A multi-label attribute's per-label probabilities, in spec order."""
+    return f"{attribute}_scores"
+
+
+def value(attribute: str) -> str:
+    """An ordinal attribute's expected value."""
+    return f"{attribute}_value"
 
 
 def share_column(attribute: str, label: str) -> str:
@@ -132,12 +154,19 @@ class AnnotationSchema:
         if part == SEMANTIC_ID:
             return [Column(SEMANTIC_ID, CODES, part), Column(SEMANTIC_ID_TOKENS, TOKENS, part),
                     Column(SEMANTIC_ID_VERSION, STRING, part)]
+        attribute = self.spec.attribute(part)
+        if attribute.multi:
+            return [Column(labels(part), LABELS, part), Column(scores(part), SCORES, part),
+                    Column(version(part), STRING, part)]
         return [Column(label(part), STRING, part), Column(confidence(part), DOUBLE, part),
+                *([Column(value(part), DOUBLE, part)] if attribute.ordinal else []),
                 Column(version(part), STRING, part)]
 
     def value_column(self, part: str) -> str:
         """The column that is null exactly when the part's annotation failed."""
-        return part if part in (CAPTION, SEMANTIC_ID) else label(part)
+        if part in (CAPTION, SEMANTIC_ID):
+            return part
+        return labels(part) if self.spec.attribute(part).multi else label(part)
 
     @cached_property
     def columns(self) -> list[Column]:
@@ -167,9 +196,11 @@ class AnnotationSchema:
         return cols + [Column(MODEL, STRING), Column(ERROR, STRING)]
 
     def ranker_columns(self) -> list[str]:
-        """Annotation features a ranker can use: labels, confidences, caption tokens, the
-        semantic ID's codes and prefix tokens."""
-        cols = [n for a in self.spec.attributes for n in (label(a), confidence(a))]
+        """Annotation features a ranker can use: labels and confidences (a multi-label
+        attribute's chosen labels and scores, an ordinal one's value too), caption tokens,
+        the semantic ID's codes and prefix tokens."""
+        cols = [c.name for a in self.spec.attributes for c in self.part_columns(a)
+                if c.name != version(a)]
         cols += [CAPTION_TOKENS] if self.spec.caption else []
         return cols + ([SEMANTIC_ID, SEMANTIC_ID_TOKENS] if self.spec.semantic_id else [])
 
@@ -197,7 +228,8 @@ class AnnotationSchema:
 
         kinds = {STRING: pa.string(), INT64: pa.int64(), DOUBLE: pa.float64(),
                  TIMESTAMP: pa.timestamp("us", tz="UTC"), TOKENS: pa.list_(pa.int64()),
-                 CODES: pa.list_(pa.int32())}
+                 CODES: pa.list_(pa.int32()), LABELS: pa.list_(pa.string()),
+                 SCORES: pa.list_(pa.float64())}
         return pa.schema([(c.name, kinds[c.type]) for c in (columns or self.columns)])
 
     def feast_fields(self) -> list:
@@ -206,7 +238,7 @@ class AnnotationSchema:
         from feast.types import Array, Float64, Int32, Int64, String
 
         kinds = {STRING: String, INT64: Int64, DOUBLE: Float64, TOKENS: Array(Int64),
-                 CODES: Array(Int32)}
+                 CODES: Array(Int32), LABELS: Array(String), SCORES: Array(Float64)}
         return [Field(name=c.name, dtype=kinds[c.type]) for c in self.features]
 
     def describe(self) -> dict:

@@ -1,7 +1,9 @@
 """Attribute specs: the versioned YAML that says what to annotate.
 
 A spec declares attributes (each a closed label set with one-line definitions, a prompt
-template and optional few-shot examples), an optional caption and an optional semantic ID
+template and optional few-shot examples, of one of three kinds: `single`, one label per item;
+`multi`, any subset of the labels, each with its own probability; `ordinal`, one of ordered
+labels with numeric values, whose expected value is reported too), an optional caption and an optional semantic ID
 (hierarchical codes quantised from item embeddings, udfs.semantic_ids). Every attribute
 carries a version derived from its content, so a changed definition is a new version and the
 incremental annotate job knows which rows to redo. The semantic ID's spec version covers its
@@ -22,7 +24,17 @@ DEFAULT_PROMPT = (
     "Question: which {attribute} fits this item best? Options: {labels}.\n"
     "Answer:"
 )
+# A multi-label attribute asks one yes/no question per label, the item first: the item's part
+# of the prompt is then the same for every label, so a prefix cache computes it once.
+DEFAULT_MULTI_PROMPT = (
+    "Item: {text}\n"
+    "Question: is \"{label}\" ({definition}) one of this item's {attribute} labels? "
+    "Answer yes or no.\n"
+    "Answer:"
+)
 DEFAULT_CAPTION_PROMPT = "Item: {text}\nDescribe this item in a few words:"
+KINDS = ("single", "multi", "ordinal")
+YES_NO = ("yes", "no")
 
 
 class SpecError(ValueError):
@@ -37,7 +49,8 @@ def _version(payload: dict) -> str:
 @dataclass(frozen=True)
 class Example:
     text: str
-    label: str
+    label: str = ""               # single and ordinal attributes
+    labels: tuple[str, ...] = ()  # multi-label attributes: any subset, maybe empty
 
 
 @dataclass(frozen=True)
@@ -49,18 +62,71 @@ class Attribute:
     examples: tuple[Example, ...] = ()
     description: str = ""
     chat: bool = False  # through the model's chat template (udfs.engines.prompts)
+    kind: str = "single"
+    min_labels: int = 0            # multi: the chosen set's bounds and the probability a
+    max_labels: int | None = None  # label needs to be chosen
+    threshold: float = 0.5
+    values: tuple[float, ...] = ()  # ordinal: each label's number, increasing
 
     @property
     def version(self) -> str:
+        kind = {} if self.kind == "single" else {"kind": self.kind}  # absent: older versions
+        if self.kind == "multi":
+            kind.update(min_labels=self.min_labels, max_labels=self.max_labels,
+                        threshold=self.threshold)
+        elif self.kind == "ordinal":
+            kind.update(values=list(self.values))
         return _version({
             "name": self.name, "labels": list(self.labels),
             "definitions": list(self.definitions), "prompt": self.prompt,
-            "examples": [[e.text, e.label] for e in self.examples],
+            "examples": [[e.text, list(e.labels) if self.kind == "multi" else e.label]
+                         for e in self.examples],
             **({"chat": True} if self.chat else {}),  # absent: the versions specs had
+            **kind,
         })
+
+    @property
+    def multi(self) -> bool:
+        return self.kind == "multi"
+
+    @property
+    def ordinal(self) -> bool:
+        return self.kind == "ordinal"
 
     def _question(self, text: str) -> str:
         return self.prompt.format(text=text, attribute=self.name, labels=", ".join(self.labels))
+
+    def questions(self, text: str) -> list[str]:
+        """A multi-label attribute's prompts for one item, one yes/no question per label,
+        each after the few-shot examples (the item's label set, the same for every label,
+        so it is part of the shared prefix)."""
+        shots = "".join(f"Item: {e.text}\n{self.name} labels: {', '.join(e.labels) or 'none'}"
+                        "\n\n" for e in self.examples)
+        return [shots + self.prompt.format(text=text, attribute=self.name, label=lab,
+                                           definition=d, labels=", ".join(self.labels))
+                for lab, d in zip(self.labels, self.definitions)]
+
+    def yes_no(self) -> Attribute:
+        """The two-label attribute a multi-label attribute's questions are scored with: its
+        texts are questions() already rendered (so a chat template gets one user turn)."""
+        return Attribute(name=self.name, labels=YES_NO,
+                         definitions=("the label fits", "the label does not fit"),
+                         prompt="{text}", chat=self.chat)
+
+    def choose(self, probabilities) -> list[str]:
+        """A multi-label attribute's chosen set from its per-label probabilities: the labels
+        at or over the threshold, then the most probable added up to min_labels or kept
+        down to max_labels; in spec order."""
+        order = sorted(range(len(self.labels)), key=lambda i: -probabilities[i])
+        chosen = [i for i in order if probabilities[i] >= self.threshold]
+        chosen = order[:max(len(chosen), self.min_labels)]
+        if self.max_labels is not None:
+            chosen = chosen[:self.max_labels]
+        return [self.labels[i] for i in sorted(chosen)]
+
+    def expected_value(self, probabilities) -> float:
+        """An ordinal attribute's expected value under a distribution over its labels."""
+        return float(sum(p * v for p, v in zip(probabilities, self.values)))
 
     def render(self, text: str) -> str:
         """The prompt for one item, few-shot examples first."""
@@ -209,21 +275,26 @@ def parse_spec(data: dict, source: str = "") -> Spec:
             _require(bool(str(lab).strip()), f"{where}.labels", "labels must be non-empty")
             _require(isinstance(definition, str) and definition.strip(),
                      f"{where}.labels.{lab}", "needs a one-line definition")
-        prompt = body.get("prompt", DEFAULT_PROMPT)
-        _check_template(prompt, f"{where}.prompt", {"text", "attribute", "labels"})
-        examples = []
-        for i, ex in enumerate(body.get("examples") or []):
-            _require(isinstance(ex, dict) and "text" in ex and "label" in ex,
-                     f"{where}.examples[{i}]", "needs 'text' and 'label'")
-            _require(ex["label"] in labels, f"{where}.examples[{i}].label",
-                     f"{ex['label']!r} is not one of {labels}")
-            examples.append(Example(str(ex["text"]), str(ex["label"])))
+        kind = body.get("kind", "single")
+        _require(kind in KINDS, f"{where}.kind", f"must be one of {list(KINDS)}, not {kind!r}")
+        kind_fields = _kind_fields(body, kind, labels, where)
+        if kind == "multi":
+            prompt = body.get("prompt", DEFAULT_MULTI_PROMPT)
+            _check_template(prompt, f"{where}.prompt",
+                            {"text", "attribute", "labels", "label", "definition"})
+            _require("{label}" in prompt, f"{where}.prompt", "a multi-label attribute's prompt "
+                     "asks about one label: it must contain {label}")
+        else:
+            prompt = body.get("prompt", DEFAULT_PROMPT)
+            _check_template(prompt, f"{where}.prompt", {"text", "attribute", "labels"})
+        examples = [_example(ex, kind, labels, f"{where}.examples[{i}]")
+                    for i, ex in enumerate(body.get("examples") or [])]
         attributes[name] = Attribute(
             name=name, labels=tuple(labels),
             definitions=tuple(str(d).strip() for _, d in pairs),
             prompt=prompt, examples=tuple(examples),
             description=str(body.get("description", "")),
-            chat=_flag(body.get("chat", chat), f"{where}.chat"))
+            chat=_flag(body.get("chat", chat), f"{where}.chat"), kind=kind, **kind_fields)
     caption = None
     cap_raw = data.get("caption")
     if cap_raw is not None:
@@ -244,6 +315,66 @@ def parse_spec(data: dict, source: str = "") -> Spec:
     return Spec(attributes=attributes, caption=caption,
                 semantic_id=_semantic_id(data.get("semantic_id", None), "semantic_id" in data),
                 name=str(data.get("name", Path(source).stem if source else "spec")), source=source)
+
+
+_KIND_KEYS = {"multi": {"min_labels", "max_labels", "threshold"}, "ordinal": {"values"}}
+
+
+def _kind_fields(body: dict, kind: str, labels: list[str], where: str) -> dict:
+    """The settings of a multi-label or ordinal attribute, checked; {} for a single one."""
+    for other, keys in _KIND_KEYS.items():
+        stray = sorted(keys & set(body)) if other != kind else []
+        _require(not stray, f"{where}.{stray[0] if stray else ''}",
+                 f"is a setting of {other} attributes; this one is {kind}")
+    if kind == "multi":
+        lo, hi = body.get("min_labels", 0), body.get("max_labels", len(labels))
+        for key, value in (("min_labels", lo), ("max_labels", hi)):
+            _require(isinstance(value, int) and not isinstance(value, bool)
+                     and 0 <= value <= len(labels), f"{where}.{key}",
+                     f"must be an integer in [0, {len(labels)}], not {value!r}")
+        _require(lo <= hi, f"{where}.min_labels", f"{lo} is more than max_labels ({hi})")
+        _require(hi >= 1, f"{where}.max_labels", "must be at least 1")
+        threshold = body.get("threshold", 0.5)
+        _require(isinstance(threshold, (int, float)) and not isinstance(threshold, bool)
+                 and 0 < threshold < 1, f"{where}.threshold",
+                 f"must be a probability strictly between 0 and 1, not {threshold!r}")
+        return {"min_labels": lo, "max_labels": hi, "threshold": float(threshold)}
+    if kind == "ordinal":
+        raw = body.get("values")
+        if raw is None:
+            try:
+                values = [float(lab) for lab in labels]
+            except ValueError:
+                raise SpecError(
+                    f"{where}.labels: an ordinal attribute's labels must be numbers in "
+                    f"increasing order (e.g. 1..5), or give values: [...] one number per label; "
+                    f"{labels} do not parse as numbers") from None
+            what = "labels"
+        else:
+            _require(isinstance(raw, list) and len(raw) == len(labels)
+                     and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                             for v in raw), f"{where}.values",
+                     f"must be a list of {len(labels)} numbers, one per label")
+            values, what = [float(v) for v in raw], "values"
+        _require(all(a < b for a, b in zip(values, values[1:])), f"{where}.{what}",
+                 f"an ordinal attribute's labels must be in increasing order; {values} is not")
+        return {"values": tuple(values)}
+    return {}
+
+
+def _example(ex, kind: str, labels: list[str], where: str) -> Example:
+    key = "labels" if kind == "multi" else "label"
+    _require(isinstance(ex, dict) and "text" in ex and key in ex, where,
+             f"needs 'text' and '{key}'" + (" (a list: a multi-label attribute's examples "
+                                            "carry a set of labels)" if kind == "multi" else ""))
+    if kind != "multi":
+        _require(ex["label"] in labels, f"{where}.label", f"{ex['label']!r} is not one of {labels}")
+        return Example(str(ex["text"]), str(ex["label"]))
+    chosen = ex["labels"]
+    _require(isinstance(chosen, list), f"{where}.labels", "must be a list of labels (maybe empty)")
+    outside = [lab for lab in chosen if lab not in labels]
+    _require(not outside, f"{where}.labels", f"{outside} are not among {labels}")
+    return Example(str(ex["text"]), labels=tuple(lab for lab in labels if lab in chosen))
 
 
 def _flag(value, where: str) -> bool:
