@@ -16,6 +16,7 @@ from expectations.gate import Gate
 from expectations.reference import label_distribution
 from expectations.suites import spec_suite, with_derived_columns
 from expectations.thresholds import Thresholds
+from tests.redis_server import redis_server  # noqa: F401  (the session fixture)
 from tests.test_gate import CAPTIONS, EVENT, ROOT, failure
 from udfs import schema as S
 from udfs.schema import AnnotationSchema
@@ -228,3 +229,129 @@ def test_label_distribution_of_each_kind():
     assert dist["genres"]["items"] == 7 and dist["genres"]["kind"] == "multi"
     assert len(dist["intensity"]["weights"]) == 5
     assert AnnotationSchema(KINDS).names.count(S.labels("genres")) == 1
+
+
+# --- Feast: apply, materialize and serve the kinds' columns (real CLI, SQLite and Redis) ------
+
+def kinds_user_stats(n: int = 60) -> pd.DataFrame:
+    """user_stats for the kinds spec: its per-label share columns in [0, 1]."""
+    rng = np.random.default_rng(2)
+    df = pd.DataFrame({"user_id": np.arange(1, n + 1, dtype="int64"), "event_timestamp": EVENT,
+                       "user_n_ratings": rng.integers(1, 500, n).astype("int64"),
+                       "user_mean_rating": rng.uniform(0.5, 5.0, n)})
+    for column in S.share_columns(KINDS):
+        df[column] = rng.uniform(0.0, 1.0, n)
+    return df
+
+
+def write_kinds_tables(repo, annotations: pd.DataFrame) -> None:
+    import shutil
+
+    from tests.test_gate import item_stats_frame, write_parquet
+    from udfs.table import FeatureTable
+
+    data = repo / "data"
+    shutil.rmtree(data / "item_annotations", ignore_errors=True)
+    FeatureTable(str(data / "item_annotations")).write_frame(annotations, AnnotationSchema(KINDS))
+    write_parquet(item_stats_frame(), data / "item_stats")
+    write_parquet(kinds_user_stats(), data / "user_stats")
+
+
+@pytest.fixture(scope="module", params=["sqlite", "redis"])
+def kinds_repo(request, tmp_path_factory):
+    """The shipped feature repo with the kinds spec in place of the demo's (definitions.py
+    and the gate read ../specs/movielens.yaml): applied, a reference, a good version
+    materialized."""
+    import yaml
+
+    from spark_jobs.validate import main as validate
+    from tests.test_feast_gate import WINDOW, feast, make_repo
+
+    repo = make_repo(tmp_path_factory.mktemp(f"kinds_{request.param}"))
+    (repo.parent / "specs" / "movielens.yaml").write_text(
+        (ROOT / "specs" / "movielens_kinds.yaml").read_text())
+    client = None
+    if request.param == "redis":
+        server = request.getfixturevalue("redis_server")
+        config = yaml.safe_load((repo / "feature_store.yaml").read_text())
+        config["online_store"] = {"type": "redis",
+                                  "connection_string": server.connection_string}
+        (repo / "feature_store.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+        client = server.client()
+        client.flushall()
+    good = kinds_frame(seed=0)
+    write_kinds_tables(repo, good)
+    applied = feast(repo, "apply")
+    assert applied.returncode == 0, applied.stderr
+    table = str(repo / "data" / "item_annotations")
+    assert validate(["--repo", str(repo), "--table", table, "--write-reference"]) == 0
+    done = feast(repo, "materialize", *WINDOW)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "gate: item_annotations: PASSED (" in done.stdout
+    return repo, good, client
+
+
+def served(repo, ids: list[int]) -> dict:
+    from tests.test_feast_gate import online
+    return online(repo, ids, [f"item_annotations:{c}" for c in (
+        "vibe_label", "genres_labels", "genres_scores", "intensity_label", "intensity_value")])
+
+
+def test_kinds_columns_are_materialized_and_served(kinds_repo):
+    from feast import FeatureStore
+    from feast.types import Array, Float64, String
+
+    repo, good, _ = kinds_repo
+    view = FeatureStore(repo_path=str(repo)).get_feature_view("item_annotations")
+    fields = {f.name: f.dtype for f in view.features}
+    assert fields["genres_labels"] == Array(String) and fields["genres_scores"] == Array(Float64)
+    assert fields["intensity_value"] == Float64 and "genres_label" not in fields
+    ids = [1, 2, 77, 200]
+    got = served(repo, ids)
+    expected = good.set_index("item_id").loc[ids]
+    assert [list(v) for v in got["genres_labels"]] == [list(v) for v in expected["genres_labels"]]
+    for row, want in zip(got["genres_scores"], expected["genres_scores"]):
+        assert list(row) == pytest.approx(list(want))
+    assert got["intensity_value"] == pytest.approx(expected["intensity_value"].tolist())
+    assert got["intensity_label"] == expected["intensity_label"].tolist()
+    assert got["vibe_label"] == expected["vibe_label"].tolist()
+    report = json.loads((repo / "data" / "gate" / "reports" / "item_annotations.json")
+                        .read_text())
+    drift = {c["column"] for c in report["checks"]
+             if c["expectation"] == "expect_column_mean_to_be_between"}
+    assert drift == {f"genres_has_{g}" for g in GENRES}  # the share drift ran in materialize
+
+
+def test_a_failing_multi_label_table_is_refused_by_materialize_and_validate(kinds_repo):
+    import hashlib
+
+    from spark_jobs.validate import main as validate
+    from tests.test_feast_gate import WINDOW, feast
+
+    repo, good, client = kinds_repo
+    db = repo / "data" / "online_store.db"
+
+    def state():
+        if client is not None:
+            return {k: client.dump(k) for k in client.scan_iter(count=1000)}
+        return hashlib.sha256(db.read_bytes()).hexdigest()
+
+    before = state()
+    write_kinds_tables(repo, bad_multi_frame())
+    proc = feast(repo, "materialize", *WINDOW)
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    for line in ("FAIL expect_column_values_to_be_in_set(genres_each_label): 2 rows",
+                 "'Horror'",
+                 "FAIL expect_column_values_to_be_between(genres_each_score): 1 rows",
+                 "(e.g. [1.3])",
+                 "FAIL expect_column_values_to_be_between(genres_label_count): 2 rows"):
+        assert line in proc.stderr, proc.stderr[-3000:]
+    assert state() == before
+    ids = [1, 2, 3]
+    assert [list(v) for v in served(repo, ids)["genres_labels"]] == [
+        list(v) for v in good.set_index("item_id").loc[ids, "genres_labels"]]
+    table = str(repo / "data" / "item_annotations")
+    assert validate(["--repo", str(repo), "--table", table]) == 1
+    assert validate(["--repo", str(repo)]) == 1  # through the offline store too
+    write_kinds_tables(repo, good)  # the module's other test sees the good table again
