@@ -201,7 +201,7 @@ def test_multi_label_share_drift_against_the_reference(gate):
 def test_share_shift_threshold_is_configurable(tmp_path):
     loose = Gate(spec=KINDS, report_dir=tmp_path / "r", quarantine_dir=tmp_path / "q",
                  reference_dir=tmp_path / "ref",
-                 thresholds=Thresholds(max_label_share_shift=0.5, max_kl_divergence=5))
+                 thresholds=Thresholds(max_label_share_shift=0.5))
     loose.write_reference("item_annotations", kinds_frame(seed=0))
     drifted = kinds_frame(seed=9)
     drifted["genres_labels"] = [["Drama", "Thriller"] if i % 2 else list(v)
