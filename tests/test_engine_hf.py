@@ -13,7 +13,8 @@ from tests.tiny_llm import build_tiny_llm, tiny_llm_dir  # noqa: F401 - session 
 from udfs.engines import build_engine, model_name
 from udfs.annotator import annotate_texts
 from udfs.engines.hf import TransformersEngine, label_probabilities
-from udfs.spec import Example
+from udfs.engines.prompts import label_continuations
+from udfs.spec import Attribute, Example
 
 TEXTS = [
     "Alien (1979). Genres: Horror, Sci-Fi",
@@ -80,6 +81,32 @@ def test_batched_scoring_equals_one_by_one(engine, spec):
     np.testing.assert_allclose(batched, single, atol=1e-4)
     assert engine.classify(TEXTS, attribute).labels == [
         engine.classify([t], attribute).labels[0] for t in TEXTS]
+
+
+def test_one_token_labels_read_from_one_sequence_equal_each_labels_own_sequence(engine):
+    """Labels of one token each are read from the next-token distribution after the context,
+    one sequence per prompt: the log-probabilities a full forward pass of prompt + label
+    gives each label, batched with labels of several tokens."""
+    import torch
+    short = Attribute(name="pick", labels=("a", "b", "c"), definitions=("x", "y", "z"))
+    mixed = Attribute(name="mixed", labels=("a", "bcdefgh"), definitions=("x", "y"))
+    tok, model = engine.tokenizer, engine.model
+    for attribute in (short, mixed):
+        got = engine.label_loglik(TEXTS, attribute)
+        for row, text in zip(got, TEXTS):
+            context, conts = label_continuations(lambda s: tok(s).input_ids,
+                                                 attribute.render(text), attribute.labels)
+            assert (attribute is mixed) == any(len(c) > 1 for c in conts)
+            for value, ids in zip(row, conts):
+                with torch.inference_mode():
+                    logp = model(torch.tensor([context + ids])).logits[0].log_softmax(-1)
+                expected = sum(float(logp[len(context) - 1 + i, t]) for i, t in enumerate(ids))
+                assert value == pytest.approx(expected, abs=1e-4)
+    before = engine.usage()["pick"]["prompt_tokens"]
+    engine.label_loglik(TEXTS[:1], short)
+    context, _ = label_continuations(lambda s: tok(s).input_ids, short.render(TEXTS[0]),
+                                     short.labels)
+    assert engine.usage()["pick"]["prompt_tokens"] - before == len(context)  # one sequence
 
 
 def test_long_prompts_are_cut_from_the_left(tiny_llm_dir, spec):

@@ -71,32 +71,47 @@ class TransformersEngine(LabelScoringEngine):
         return ids, mask
 
     def label_loglik(self, texts: Sequence[str], attribute: Attribute) -> np.ndarray:
-        """Summed log-likelihood of each label after each text's prompt: [texts, labels]."""
+        """Summed log-likelihood of each label after each text's prompt: [texts, labels].
+
+        A prompt whose labels are one token each (a multi-label attribute's yes/no, short
+        label sets) is one sequence, the context alone: every label is read from the
+        next-token distribution at its end. Otherwise each label is a sequence of its own."""
         torch = self._torch
-        rows = []
+        rows = []  # (ids, label tokens at the end, or 0 with the next-token ids to read)
         for text in texts:
             context, continuations = label_continuations(
                 self.encoder(attribute), self.prompt(attribute, text), attribute.labels,
                 answer_separator(attribute))
             context = truncate_left(context, self.max_prompt_tokens, self.tokenizer.bos_token_id)
-            rows.extend((context + ids, len(ids)) for ids in continuations)
-        self.count_tokens(attribute.name, prompt=sum(len(r) for r, _ in rows))
+            if all(len(ids) == 1 for ids in continuations):
+                rows.append((context, 0, [ids[0] for ids in continuations]))
+            else:
+                rows.extend((context + ids, len(ids), None) for ids in continuations)
+        self.count_tokens(attribute.name, prompt=sum(len(r) for r, _, _ in rows))
         scores = []
         for start in range(0, len(rows), self.batch_size):
             chunk = rows[start:start + self.batch_size]
-            ids, mask = self._left_pad([r for r, _ in chunk])
+            ids, mask = self._left_pad([r for r, _, _ in chunk])
             # Left padding puts every label at the end, so the last n+1 positions suffice.
-            n = max(k for _, k in chunk)
+            n = max(k for _, k, _ in chunk)
             with torch.inference_mode():
                 logits = self.model(
                     input_ids=ids, attention_mask=mask,
                     position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
                     logits_to_keep=n + 1).logits
-            logp = logits[:, :-1].float().log_softmax(-1)
-            token_lp = logp.gather(-1, ids[:, -n:, None]).squeeze(-1)
-            lengths = torch.tensor([k for _, k in chunk], device=self.device)
-            is_label = torch.arange(n, device=self.device) >= n - lengths[:, None]
-            scores.append((token_lp * is_label).sum(-1).cpu().numpy())
+            logp = logits.float().log_softmax(-1)
+            lengths = torch.tensor([k for _, k, _ in chunk], device=self.device)
+            summed = torch.zeros(len(chunk), device=self.device)
+            if n:
+                token_lp = logp[:, :-1].gather(-1, ids[:, -n:, None]).squeeze(-1)
+                is_label = torch.arange(n, device=self.device) >= n - lengths[:, None]
+                summed = (token_lp * is_label).sum(-1)
+            summed, last = summed.cpu().numpy(), logp[:, -1]
+            for i, (_, _, nexts) in enumerate(chunk):
+                if nexts is None:
+                    scores.append(summed[i:i + 1])
+                else:
+                    scores.append(last[i, torch.tensor(nexts, device=self.device)].cpu().numpy())
         return np.concatenate(scores).reshape(len(texts), len(attribute.labels))
 
     def caption(self, texts: Sequence[str], caption: Caption) -> list[str]:
