@@ -148,8 +148,14 @@ def annotation_columns(result: DataFrame, table: AnnotationSchema, parts: list[s
         elif part == S.SEMANTIC_ID:
             cols += [c["codes"].alias(S.SEMANTIC_ID), c["tokens"].alias(S.SEMANTIC_ID_TOKENS),
                      c["version"].alias(S.SEMANTIC_ID_VERSION)]
+        elif table.spec.attribute(part).multi:
+            cols += [c["labels"].alias(S.labels(part)), c["scores"].alias(S.scores(part)),
+                     c["version"].alias(S.version(part))]
+            models.append(c["model"])
         else:
             cols += [c["label"].alias(S.label(part)), c["confidence"].alias(S.confidence(part)),
+                     *([c["value"].alias(S.value(part))]
+                       if table.spec.attribute(part).ordinal else []),
                      c["version"].alias(S.version(part))]
             models.append(c["model"])
         errors.append(F.when(c["error"].isNotNull(), F.concat(F.lit(part + ": "), c["error"])))
@@ -157,7 +163,8 @@ def annotation_columns(result: DataFrame, table: AnnotationSchema, parts: list[s
         raise JobError(
             f"the query returns no annotation for {missing}: return annotate_all(<text>) or, "
             f"per part, a column named after it (annotate('{missing[0]}', <text>) AS "
-            f"{missing[0]}, caption(<text>) AS caption, semantic_id(<text>) AS semantic_id); "
+            f"{missing[0]}, annotate_multi(...) for a multi-label attribute, "
+            f"caption(<text>) AS caption, semantic_id(<text>) AS semantic_id); "
             f"it returns {result.columns}")
     model = F.coalesce(*models) if models else F.lit(None).cast("string")
     error = F.concat_ws("; ", *errors)

@@ -148,6 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         spec = load_spec(args.spec)
         attribute = spec.attribute(args.attribute)
+        if attribute.multi:
+            raise DistillError(f"{attribute.name!r} is a multi-label attribute; a student "
+                               "learns single-label and ordinal attributes only")
         rows = teacher_rows(read_frame(args.annotations), read_frame(args.items),
                             attribute.name, [c.strip() for c in args.text_columns.split(",")])
         result = run(attribute, spec.version, rows, Path(args.out), parse_engine(args.teacher),

@@ -401,6 +401,9 @@ def run(spec_path: str, attribute_name: str, labels: pd.DataFrame, items: pd.Dat
     hp = hp or Hyper()
     spec = load_spec(spec_path)
     attribute = spec.attribute(attribute_name)
+    if attribute.multi:
+        raise core.FinetuneError(f"{attribute.name!r} is a multi-label attribute; fine-tuning "
+                                 "trains single-label and ordinal attributes only")
     plan_ = plan(attribute, labels, items, text_columns, holdout, hp.seed, max_train,
                  max_heldout, min_per_label, heldout_ids)
     out = Path(out)

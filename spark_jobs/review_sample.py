@@ -39,6 +39,9 @@ def build_strata(annotations: pd.DataFrame, attribute: str,
                  counts: pd.Series | None) -> tuple[pd.DataFrame, pd.Series]:
     """The rows that can be reviewed (no error) and their stratum keys."""
     label, conf = f"{attribute}_label", f"{attribute}_confidence"
+    if f"{attribute}_labels" in annotations.columns:
+        raise SampleError(f"{attribute!r} is a multi-label attribute; the review sample "
+                          "stratifies single-label and ordinal attributes only")
     missing = [c for c in ("item_id", label, conf) if c not in annotations.columns]
     if missing:
         raise SampleError(f"annotations lack columns {missing}")

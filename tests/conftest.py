@@ -26,6 +26,13 @@ def spec():
 
 
 @pytest.fixture(scope="session")
+def kinds_spec():
+    """One attribute of each kind: single (vibe), multi (genres), ordinal (intensity)."""
+    from udfs.spec import load_spec
+    return load_spec(ROOT / "specs" / "movielens_kinds.yaml")
+
+
+@pytest.fixture(scope="session")
 def embedding_engine():
     from udfs.engines import build_engine
     return build_engine({"type": "embedding"})

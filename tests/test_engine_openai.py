@@ -405,6 +405,22 @@ def test_bpe_confidences_are_the_transformers_label_probabilities(server, refere
             assert counts["cached_tokens"] == 0
 
 
+def test_multi_label_and_ordinal_scores_agree_on_vllm_serve(server, references, kinds_spec):
+    """Per-label P(yes) and the ordinal distribution through the server, both scorings: the
+    transformers engine's numbers."""
+    multi, ordinal = kinds_spec.attributes["genres"], kinds_spec.attributes["intensity"]
+    expected = references["bpe"].tag(TEXTS, multi)
+    for scoring in SCORINGS:
+        eng = make_engine(server.base_url, scoring=scoring)
+        try:
+            np.testing.assert_allclose(eng.tag(TEXTS, multi), expected, atol=1e-4)
+            np.testing.assert_allclose(eng.classify(TEXTS, ordinal).scores,
+                                       references["bpe"].classify(TEXTS, ordinal).scores,
+                                       atol=1e-4)
+        finally:
+            eng.close()
+
+
 def test_unigram_confidences_and_captions_agree(models, references, spec):
     with VLLMServer(models["unigram"]) as unigram:
         for scoring in SCORINGS:

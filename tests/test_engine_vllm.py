@@ -25,6 +25,7 @@ import psutil
 import pytest
 
 from tests.tiny_llm import build_tiny_llm
+from udfs import annotator
 from udfs.engines import build_engine
 from udfs.engines.hf import TransformersEngine
 from udfs.engines.prompts import (MalformedOutput, label_continuations, label_nodes,
@@ -119,6 +120,30 @@ def test_chat_prompts_equal_the_transformers_engine(engines, references, spec, f
                                atol=1e-4)
     caption = dataclasses.replace(spec.caption, chat=True)
     assert engine.caption(TEXTS, caption) == reference.caption(TEXTS, caption)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_multi_label_and_ordinal_scores_equal_the_transformers_engine(engines, references,
+                                                                      kinds_spec, family):
+    """A multi-label attribute: every label's own P(yes) against P(no), and the ordinal
+    attribute's distribution and expected value, as the transformers engine computes them;
+    an item's questions share its prompt, which vLLM's prefix cache computes once."""
+    engine, reference = engines(family), references[family]
+    multi, ordinal = kinds_spec.attributes["genres"], kinds_spec.attributes["intensity"]
+    before = engine.usage().get("genres", {}).get("cached_tokens", 0)
+    got = engine.tag(TEXTS, multi)
+    assert got.shape == (len(TEXTS), len(multi.labels))
+    np.testing.assert_allclose(got, reference.tag(TEXTS, multi), atol=1e-4)
+    assert engine.usage()["genres"]["cached_tokens"] > before
+    rows = annotator.tag_texts(engine, multi, pd.Series(TEXTS))
+    assert rows["error"].isna().all()
+    assert rows["labels"].tolist() == [multi.choose(p) for p in got]
+    assert all(1 <= len(labs) <= 3 for labs in rows["labels"])  # min_labels, max_labels
+    out, ref = engine.classify(TEXTS, ordinal), reference.classify(TEXTS, ordinal)
+    np.testing.assert_allclose(out.scores, ref.scores, atol=1e-4)
+    values = annotator.annotate_texts(engine, ordinal, pd.Series(TEXTS))["value"]
+    np.testing.assert_allclose(values, ref.scores @ np.array(ordinal.values), atol=1e-3)
+    assert ((values >= 1) & (values <= 5)).all()
 
 
 @pytest.mark.parametrize("family", FAMILIES)

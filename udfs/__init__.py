@@ -5,6 +5,7 @@
     spark.sql("SELECT item_id, annotate('vibe', title, description) AS vibe, "
               "caption(title, description) AS caption FROM items")
     spark.sql("SELECT item_id, annotate_all(title, description) AS a FROM items")  # one worker
+    spark.sql("SELECT annotate_multi('genres', title) AS genres FROM items")  # multi-label
 
     # semantic IDs need a quantiser fitted on the engine's embeddings of a sample of items
     from udfs.semantic_fit import quantizer_for
@@ -21,8 +22,8 @@ from udfs.spec import Spec, SpecError, load_spec
 def register(spark, spec: Spec | str, engine: dict | None = None, fail_on_error: bool = False,
              prefix: str = "", quantizer=None, embed_engine: dict | None = None,
              metrics: bool = False, ship: bool = True):
-    """Register annotate(), caption(), semantic_id() and annotate_all() as SQL functions on
-    this session, classic or Spark Connect.
+    """Register annotate(), annotate_multi(), caption(), semantic_id() and annotate_all() as
+    SQL functions on this session, classic or Spark Connect.
 
     `engine` is a plain config dict (see udfs.engines); the engine itself is built lazily,
     once per Python worker. `quantizer` (a udfs.semantic_ids.Quantizer or the directory one
@@ -35,11 +36,12 @@ def register(spark, spec: Spec | str, engine: dict | None = None, fail_on_error:
     every function's struct: the annotate job's report. On a Connect session, `ship` uploads
     this package to the server's Python workers (udfs.connect.ship) and checks they import
     it; pass ship=False where the cluster has annofeat installed.
-    Returns the four UDF objects for DataFrame-API use.
+    Returns the UDF objects of annotate(), caption(), semantic_id() and annotate_all() for
+    DataFrame-API use (annotate_multi() is registered, not returned: the four stay unpackable).
     """
     from udfs import connect
-    from udfs.functions import (make_annotate_all_udf, make_annotate_udf, make_caption_udf,
-                                make_semantic_id_udf)
+    from udfs.functions import (make_annotate_all_udf, make_annotate_multi_udf,
+                                make_annotate_udf, make_caption_udf, make_semantic_id_udf)
 
     if isinstance(spec, str):
         spec = load_spec(spec)
@@ -64,6 +66,8 @@ def register(spark, spec: Spec | str, engine: dict | None = None, fail_on_error:
     annotate_all = make_annotate_all_udf(all_spec, engine, fail_on_error, quantizer,
                                          embed_engine, metrics)
     spark.udf.register(prefix + "annotate", annotate)
+    spark.udf.register(prefix + "annotate_multi",
+                       make_annotate_multi_udf(spec, engine, fail_on_error, metrics))
     spark.udf.register(prefix + "caption", caption)
     spark.udf.register(prefix + "semantic_id", semantic_id)
     spark.udf.register(prefix + "annotate_all", annotate_all)

@@ -19,6 +19,7 @@ import math
 import re
 from typing import Callable, Sequence
 
+import numpy as np
 import pandas as pd
 
 from udfs.engines.base import Engine, FatalEngineError, is_fatal
@@ -117,11 +118,25 @@ def _unique_call(texts: pd.Series, fn: Callable[[list[str]], list]) -> tuple[lis
     return results, errors
 
 
+def _probabilities(scores, n: int, attribute: Attribute, what: str) -> np.ndarray:
+    """An engine's [texts, labels] probabilities, checked for shape and range."""
+    probs = np.asarray(scores, dtype=np.float64)
+    if probs.shape != (n, len(attribute.labels)):
+        raise RuntimeError(f"engine returned {what} of shape {probs.shape} for {n} texts and "
+                           f"{len(attribute.labels)} labels")
+    if not np.all((probs >= 0.0) & (probs <= 1.0)):  # NaN fails too
+        raise ValueError(f"engine returned {what} outside [0, 1]")
+    return probs
+
+
 def annotate_texts(engine: Engine, attribute: Attribute, texts: pd.Series) -> pd.DataFrame:
-    """Columns label, confidence, error for each (already cleaned) text."""
+    """Columns label, confidence, value (an ordinal attribute's expected value; None for
+    others) and error for each (already cleaned) text. A multi-label attribute: tag_texts."""
+    if attribute.multi:
+        raise ValueError(f"{attribute.name!r} is a multi-label attribute: tag_texts scores it")
     allowed = set(attribute.labels)
 
-    def call(batch: list[str]) -> list[tuple[str, float]]:
+    def call(batch: list[str]) -> list[tuple[str, float, float | None]]:
         out = engine.classify(batch, attribute)
         pairs = list(zip(out.labels, out.confidences))
         for label, conf in pairs:
@@ -131,12 +146,37 @@ def annotate_texts(engine: Engine, attribute: Attribute, texts: pd.Series) -> pd
                 raise ValueError(f"engine returned confidence {conf!r} outside [0, 1]")
         if len(pairs) != len(batch):
             raise RuntimeError(f"engine returned {len(pairs)} labels for {len(batch)} texts")
-        return pairs
+        if not attribute.ordinal:
+            return [(label, conf, None) for label, conf in pairs]
+        if out.scores is None:
+            raise NotImplementedError(
+                f"engine {engine.model_name!r} gives no distribution over the labels; the "
+                f"ordinal attribute {attribute.name!r} needs one for its expected value")
+        probs = _probabilities(out.scores, len(batch), attribute, "label distributions")
+        return [(label, conf, attribute.expected_value(row))
+                for (label, conf), row in zip(pairs, probs)]
 
     results, errors = _unique_call(texts.reset_index(drop=True), call)
     return pd.DataFrame({
         "label": [r[0] if r else None for r in results],
         "confidence": [float(r[1]) if r else None for r in results],
+        "value": pd.Series([r[2] if r else None for r in results], dtype="float64"),
+        "error": errors,
+    })
+
+
+def tag_texts(engine: Engine, attribute: Attribute, texts: pd.Series) -> pd.DataFrame:
+    """A multi-label attribute's columns for each (already cleaned) text: labels (the chosen
+    set, spec order), scores (every label's probability, spec order) and error."""
+    def call(batch: list[str]) -> list[tuple[list[str], list[float]]]:
+        probs = _probabilities(engine.tag(batch, attribute), len(batch), attribute,
+                               "label probabilities")
+        return [(attribute.choose(row), row.tolist()) for row in probs]
+
+    results, errors = _unique_call(texts.reset_index(drop=True), call)
+    return pd.DataFrame({
+        "labels": [r[0] if r else None for r in results],
+        "scores": [r[1] if r else None for r in results],
         "error": errors,
     })
 

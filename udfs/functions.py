@@ -1,6 +1,9 @@
 """The SQL functions: Arrow pandas UDFs (iterator form) over one engine per worker.
 
-    annotate(attr, text, ...) -> struct<label, confidence, version, model, error>
+    annotate(attr, text, ...) -> struct<label, confidence, value, version, model, error>
+                                 (value: an ordinal attribute's expected value, else null)
+    annotate_multi(attr, text, ...) -> struct<labels array<string>, scores array<double>,
+                                              version, model, error>   (multi-label attributes)
     caption(text, ...)        -> struct<caption, tokens array<bigint>, version, error>
     semantic_id(text, ...)    -> struct<codes array<int>, tokens array<bigint>, version, error>
     annotate_all(text, ...)   -> struct<<attr>_label, <attr>_confidence, <attr>_version, ...,
@@ -40,7 +43,10 @@ from udfs.engines.base import can_embed
 from udfs.schema import AnnotationSchema
 from udfs.spec import Spec
 
-ANNOTATE_TYPE = "label string, confidence double, version string, model string, error string"
+ANNOTATE_TYPE = ("label string, confidence double, value double, version string, "
+                 "model string, error string")
+MULTI_TYPE = ("labels array<string>, scores array<double>, version string, model string, "
+              "error string")
 CAPTION_TYPE = "caption string, tokens array<bigint>, version string, error string"
 SEMANTIC_ID_TYPE = "codes array<int>, tokens array<bigint>, version string, error string"
 NO_CAPTION = "the spec declares no caption"
@@ -60,28 +66,50 @@ def _check(errors: pd.Series, what: str, fail_on_error: bool) -> None:
                         f"(fail_on_error is set); first error: {bad.iloc[0]}")
 
 
-def annotate_frame(engine, spec: Spec, attrs: pd.Series, texts: pd.Series) -> pd.DataFrame:
-    """One batch of annotate(): attrs usually hold one literal name, but any mix works."""
+def _by_attribute(engine, spec: Spec, attrs: pd.Series, texts: pd.Series, columns: dict,
+                  multi: bool) -> pd.DataFrame:
+    """One batch of annotate() (multi=False) or annotate_multi(): attrs usually hold one
+    literal name, but any mix works; an attribute of the other function's kind is a row
+    error naming the right function."""
     attrs = attrs.reset_index(drop=True)
     texts = texts.reset_index(drop=True)
     n = len(texts)
-    out = pd.DataFrame({"label": pd.Series([None] * n, dtype=object),
-                        "confidence": pd.Series([None] * n, dtype="float64"),
+    out = pd.DataFrame({**{c: pd.Series([None] * n, dtype=t) for c, t in columns.items()},
                         "version": pd.Series([None] * n, dtype=object),
                         "model": engine.model_name,
                         "error": pd.Series([None] * n, dtype=object)})
     for name, idx in attrs.groupby(attrs.fillna("")).groups.items():
-        if name not in spec.attributes:
+        attribute = spec.attributes.get(name)
+        if attribute is None:
             out.loc[idx, "error"] = (f"unknown attribute {name!r}; the spec declares "
                                      f"{sorted(spec.attributes)}")
             continue
-        attribute = spec.attributes[name]
-        res = annotator.annotate_texts(engine, attribute, texts.loc[idx])
-        res.index = idx
-        for col in ("label", "confidence", "error"):
-            out.loc[idx, col] = res[col].to_numpy(dtype=out[col].dtype)
+        if attribute.multi != multi:
+            out.loc[idx, "error"] = (
+                f"{name!r} is a multi-label attribute: call annotate_multi('{name}', ...)"
+                if attribute.multi else
+                f"{name!r} is an {attribute.kind} attribute: call annotate('{name}', ...)")
+            continue
+        res = (annotator.tag_texts if multi else annotator.annotate_texts)(
+            engine, attribute, texts.loc[idx])
+        for col in [*columns, "error"]:
+            values = res[col].tolist()
+            for i, v in zip(idx, values):  # lists too: .loc would spread them
+                out.at[i, col] = v
         out.loc[idx, "version"] = attribute.version
     return out
+
+
+def annotate_frame(engine, spec: Spec, attrs: pd.Series, texts: pd.Series) -> pd.DataFrame:
+    """One batch of annotate(): single-label and ordinal attributes."""
+    return _by_attribute(engine, spec, attrs, texts,
+                         {"label": object, "confidence": "float64", "value": "float64"}, False)
+
+
+def annotate_multi_frame(engine, spec: Spec, attrs: pd.Series, texts: pd.Series
+                         ) -> pd.DataFrame:
+    """One batch of annotate_multi(): multi-label attributes."""
+    return _by_attribute(engine, spec, attrs, texts, {"labels": object, "scores": object}, True)
 
 
 def caption_frame(engine, spec: Spec, texts: pd.Series) -> pd.DataFrame:
@@ -143,9 +171,16 @@ def annotate_all_frame(engine, spec: Spec, texts: pd.Series, quantizer=None,
     texts = texts.reset_index(drop=True)
     columns, errors = {}, []
     for name, attribute in spec.attributes.items():
-        res = annotator.annotate_texts(engine, attribute, texts)
-        columns[schema.label(name)] = res["label"]
-        columns[schema.confidence(name)] = res["confidence"]
+        if attribute.multi:
+            res = annotator.tag_texts(engine, attribute, texts)
+            columns[schema.labels(name)] = res["labels"]
+            columns[schema.scores(name)] = res["scores"]
+        else:
+            res = annotator.annotate_texts(engine, attribute, texts)
+            columns[schema.label(name)] = res["label"]
+            columns[schema.confidence(name)] = res["confidence"]
+            if attribute.ordinal:
+                columns[schema.value(name)] = res["value"]
         columns[schema.version(name)] = attribute.version
         errors.append(res["error"].map(lambda e, n=name: e and f"{n}: {e}"))
     if spec.caption is not None:
@@ -241,6 +276,17 @@ def make_annotate_udf(spec: Spec, engine_config: dict | None, fail_on_error: boo
             raise TypeError("annotate() takes the attribute name and at least one text column")
         return annotate_frame(engine, spec, cols[0], annotator.clean_columns(cols[1:]))
     return _batch_udf("annotate", ANNOTATE_TYPE, frame, engine_config, fail_on_error, metrics)
+
+
+def make_annotate_multi_udf(spec: Spec, engine_config: dict | None, fail_on_error: bool = False,
+                            metrics: bool = False):
+    def frame(engine, cols):
+        if len(cols) < 2:
+            raise TypeError("annotate_multi() takes the attribute name and at least one text "
+                            "column")
+        return annotate_multi_frame(engine, spec, cols[0], annotator.clean_columns(cols[1:]))
+    return _batch_udf("annotate_multi", MULTI_TYPE, frame, engine_config, fail_on_error,
+                      metrics)
 
 
 def make_caption_udf(spec: Spec, engine_config: dict | None, fail_on_error: bool = False,

@@ -25,9 +25,12 @@ if TYPE_CHECKING:
 
 @dataclass
 class Labels:
-    """Per text: the chosen label (always one of the attribute's labels) and its probability."""
+    """Per text: the chosen label (always one of the attribute's labels) and its probability;
+    optionally the whole distribution over the attribute's labels ([texts, labels], spec
+    order), which an ordinal attribute's expected value needs."""
     labels: list[str]
     confidences: list[float]
+    scores: "np.ndarray | None" = None
 
 
 class FatalEngineError(RuntimeError):
@@ -118,6 +121,14 @@ class Engine(ABC):
     @abstractmethod
     def classify(self, texts: Sequence[str], attribute: Attribute) -> Labels:
         """Pick one label per text."""
+
+    def tag(self, texts: Sequence[str], attribute: Attribute) -> "np.ndarray":
+        """A multi-label attribute: each label's own probability per text, [texts, labels]
+        in spec order (they need not sum to one). Engines that cannot keep this default."""
+        raise NotImplementedError(
+            f"engine {self.model_name!r} ({type(self).__name__}) cannot score multi-label "
+            f"attributes such as {attribute.name!r}; use the embedding, transformers, vllm or "
+            "openai engine")
 
     @abstractmethod
     def caption(self, texts: Sequence[str], caption: Caption) -> list[str]:

@@ -2,7 +2,10 @@
 
 Zero-shot and CPU-friendly. A label is scored by the cosine similarity between the item text
 and "label: definition"; a softmax over the labels (with a temperature, since cosine scores
-sit in a narrow band) gives the confidence. A caption is the top-k descriptors of the spec's
+sit in a narrow band) gives the confidence. A multi-label attribute's label has its own
+probability: a sigmoid (same temperature) of how much closer the item is to the label than to
+the centroid of all the attribute's labels, so a label counts when it stands out from the set
+(a zero-shot rule: its calibration is measured in docs/QUALITY.md, not assumed). A caption is the top-k descriptors of the spec's
 descriptor vocabulary, ordered by similarity. Item embeddings are cached by text so that
 several attributes and the caption over the same batch encode each text once.
 
@@ -145,13 +148,24 @@ class EmbeddingEngine(Engine):
             self._label_vecs[key] = self._encode(phrases)
         return self._label_vecs[key]
 
-    def classify(self, texts: Sequence[str], attribute: Attribute) -> Labels:
+    def _label_vectors(self, attribute: Attribute) -> np.ndarray:
         phrases = [f"{lab}: {d}" for lab, d in zip(attribute.labels, attribute.definitions)]
-        label_vecs = self._vectors(("attr", attribute.version), phrases)
-        probs = _softmax(self.embed(texts) @ label_vecs.T, self.temperature)
+        return self._vectors(("attr", attribute.version), phrases)
+
+    def classify(self, texts: Sequence[str], attribute: Attribute) -> Labels:
+        probs = _softmax(self.embed(texts) @ self._label_vectors(attribute).T, self.temperature)
         best = probs.argmax(axis=1)
         return Labels(labels=[attribute.labels[i] for i in best],
-                      confidences=probs[np.arange(len(best)), best].astype(float).tolist())
+                      confidences=probs[np.arange(len(best)), best].astype(float).tolist(),
+                      scores=probs)
+
+    def tag(self, texts: Sequence[str], attribute: Attribute) -> np.ndarray:
+        label_vecs = self._label_vectors(attribute)
+        centroid = label_vecs.mean(axis=0)
+        centroid = centroid / max(float(np.linalg.norm(centroid)), 1e-12)
+        items = self.embed(texts)
+        margin = items @ label_vecs.T - (items @ centroid)[:, None]
+        return 1.0 / (1.0 + np.exp(-margin / self.temperature))
 
     def caption(self, texts: Sequence[str], caption: Caption) -> list[str]:
         if not caption.descriptors:

@@ -3,7 +3,9 @@
 Every generative engine (transformers, vllm, openai) gives the same answer for the same model:
 a label's score is the summed log-probability of the tokens of " " + label after the rendered
 prompt (of the label alone after a chat-template prompt), and a softmax over the labels gives
-the distribution; the answer is its argmax and the confidence its probability.
+the distribution; the answer is its argmax and the confidence its probability. A multi-label
+attribute asks one yes/no question per label (Attribute.questions) and a label's probability
+is P(" yes") against P(" no"), scored the same way: every engine's numbers agree there too.
 
 The tokens are the model's own, taken in context: `label_continuations` tokenises
 prompt + " " + label with the model's tokenizer and keeps what follows the part all labels
@@ -81,7 +83,17 @@ class LabelScoringEngine(Engine):
         probs = label_probabilities(self.label_loglik(texts, attribute))
         best = probs.argmax(axis=1)
         return Labels(labels=[attribute.labels[i] for i in best],
-                      confidences=probs[np.arange(len(best)), best].astype(float).tolist())
+                      confidences=probs[np.arange(len(best)), best].astype(float).tolist(),
+                      scores=probs)
+
+    def tag(self, texts: Sequence[str], attribute: Attribute) -> np.ndarray:
+        """Each label's P(yes) against P(no), all of a batch's questions in one engine call
+        (the questions of one item share its prompt, which a prefix cache computes once)."""
+        questions = [q for text in texts for q in attribute.questions(text)]
+        if not questions:
+            return np.zeros((0, len(attribute.labels)))
+        yes = label_probabilities(self.label_loglik(questions, attribute.yes_no()))[:, 0]
+        return yes.reshape(len(texts), len(attribute.labels))
 
 
 def _common_prefix(seqs: Sequence[Sequence[int]]) -> int:

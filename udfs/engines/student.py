@@ -114,8 +114,12 @@ class StudentEngine(Engine):
         student = self._student(attribute)
         probs = student.predict_proba(self.encoder.embed(texts))
         best = probs.argmax(axis=1)
+        known = {lab: i for i, lab in enumerate(student.labels)}  # a class never seen: 0
+        scores = np.stack([probs[:, known[lab]] if lab in known else np.zeros(len(probs))
+                           for lab in attribute.labels], axis=1)
         return Labels(labels=[student.labels[i] for i in best],
-                      confidences=[float(probs[r, i]) for r, i in enumerate(best)])
+                      confidences=[float(probs[r, i]) for r, i in enumerate(best)],
+                      scores=scores)
 
     def caption(self, texts: Sequence[str], caption: Caption) -> list[str]:
         return self.encoder.caption(texts, caption)
