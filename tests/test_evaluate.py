@@ -180,3 +180,40 @@ def test_multi_label_bad_annotations_exit_2(tmp_path, capsys):
     assert evaluate.main(["--spec", SPEC, "--attribute", "genres", "--movielens", "--limit",
                           "5", "--sample", "5", "--out", str(tmp_path / "o")]) == 2
     assert "not both" in capsys.readouterr().err
+
+
+def test_multi_label_genres_live_through_the_embedding_engine(tmp_path):
+    """The real MiniLM engine tags 60 random MovieLens movies (title + tags) with every genre;
+    scored against their human genres, none folded, baselines from the other movies."""
+    from udfs.spec import load_spec
+    attribute = load_spec(SPEC).attribute("genres")
+    out = tmp_path / "genres"
+    assert evaluate.main(["--spec", SPEC, "--attribute", "genres", "--movielens",
+                          "--sample", "60", "--seed", "3", "--out", str(out)]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["annotations"] == 60 and m["annotation_errors"] == 0
+    assert m["annotation_run"]["model"].startswith("embedding:")
+    assert m["label_map"] == {}  # every MovieLens genre but IMAX is a label
+    s, b = m["multi"], m["baselines"]
+    assert s["n"] + m["items_without_truth"] == 60 and s["n"] > 50
+    assert set(s["per_label"]) == set(attribute.labels)
+    assert sum(v["support"] for v in s["per_label"].values()) == pytest.approx(
+        s["mean_true_labels"] * s["n"])
+    assert s["mean_labels"] >= 1  # min_labels 1
+    for value in (s["micro_f1"], s["macro_f1"], s["jaccard"], s["ece"], s["brier"]):
+        assert 0 <= value <= 1
+    assert all(v["auc"] is None or 0 <= v["auc"] <= 1 for v in s["per_label"].values())
+    assert s["auc_labels"] >= 8 and 0 <= s["macro_auc"] <= 1
+    # the baselines learn from the rest of the catalogue: no scored movie among them
+    assert b["fit"] == "other items" and 9000 < b["train_items"] < 9742 - 60
+    assert b["frequencies"]["Drama"] == max(b["frequencies"].values())
+    assert b["majority"]["labels"] == ["Drama"]  # nothing is in half the movies; min_labels 1
+    ann = pd.read_parquet(out / "annotations.parquet")
+    items = pd.read_parquet(out / "items.parquet")
+    assert len(ann) == 60 and ann["item_id"].tolist() == items["item_id"].tolist()
+    for chosen, scores in zip(ann["genres_labels"], ann["genres_scores"]):
+        assert len(scores) == len(attribute.labels)
+        assert all(0 <= p <= 1 for p in scores)
+        assert list(chosen) == attribute.choose(list(scores))  # spec order, the spec's rule
+    for png in ("per_label.png", "reliability.png"):
+        assert (out / png).read_bytes()[:8] == PNG_MAGIC and (out / png).stat().st_size > 5000
