@@ -120,7 +120,8 @@ class Gate:
             result = refused
         else:
             suites, notes = self.suites_for(view, df.columns, len(df), drift)
-            result = validate_frame(with_derived_columns(df), suites, view=view, notes=notes)
+            result = validate_frame(with_derived_columns(df, self.spec), suites, view=view,
+                                    notes=notes)
         if not result.success:
             result.quarantine = quarantine(df, result, self.quarantine_path(result))
         result.report = write_report(result, self.report_dir)
@@ -142,7 +143,7 @@ class Gate:
             result = refused
         else:
             suites, notes = self.suites_for(view, sdf.columns, n, drift)
-            derived = spark_checks.with_derived_columns(sdf)
+            derived = spark_checks.with_derived_columns(sdf, self.spec)
             validation = spark_checks.validate_spark_frame(derived, suites, view=view,
                                                            notes=notes, n_rows=n)
             result = validation.result

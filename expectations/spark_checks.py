@@ -8,7 +8,8 @@ value and row index to the driver. So the suites the gate builds (the spec suite
 suites, as GE 1.x `ExpectationSuite`s) are translated here into Spark aggregations:
 
     one pass     row count; per row-level expectation the unexpected and non-null counts;
-                 per drift check the count of each reference label and of other values
+                 per drift check the count of each reference label and of other values;
+                 per column mean (multi-label drift) the mean and the non-null count
     per column   `expect_column_values_to_be_unique`: a group-by on that column
     on failure   a few distinct offending values per failing expectation (limit 10), and
                  the quarantine (`quarantine`): written by Spark, never collected
@@ -35,8 +36,10 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from expectations.result import SAMPLE, Check, GateResult, _plain, _sample
-from expectations.suites import CAPTION_TOKEN_COUNT
+from expectations.suites import (CAPTION_TOKEN_COUNT, SuiteError, each_label, each_score,
+                                 has_label, label_count, score_count)
 from udfs import schema as S
+from udfs.spec import Spec
 
 NOT_NULL = "expect_column_values_to_not_be_null"
 NULL = "expect_column_values_to_be_null"
@@ -47,20 +50,54 @@ BETWEEN = "expect_column_values_to_be_between"
 KL = "expect_column_kl_divergence_to_be_less_than"
 ROW_COUNT = "expect_table_row_count_to_be_between"
 COLUMN_EXISTS = "expect_column_to_exist"
-SUPPORTED = (NOT_NULL, NULL, UNIQUE, IN_SET, NOT_IN_SET, BETWEEN, KL, ROW_COUNT, COLUMN_EXISTS)
+MEAN = "expect_column_mean_to_be_between"
+SUPPORTED = (NOT_NULL, NULL, UNIQUE, IN_SET, NOT_IN_SET, BETWEEN, KL, MEAN, ROW_COUNT,
+             COLUMN_EXISTS)
 # row-level expectations whose share is taken of all rows (GE: nonnull_count is None)
 _OF_ALL_ROWS = (NOT_NULL, NULL)
 _NUMERIC = (T.ByteType, T.ShortType, T.IntegerType, T.LongType, T.FloatType, T.DoubleType,
             T.DecimalType)
 
 
-def with_derived_columns(sdf: DataFrame) -> DataFrame:
-    """The Spark twin of expectations.suites.with_derived_columns: caption_token_count."""
-    if S.CAPTION_TOKENS not in sdf.columns:
-        return sdf
-    tokens = F.col(S.CAPTION_TOKENS)
-    return sdf.withColumn(CAPTION_TOKEN_COUNT,
-                          F.when(tokens.isNull(), F.lit(None)).otherwise(F.size(tokens)))
+def with_derived_columns(sdf: DataFrame, spec: Spec | None = None) -> DataFrame:
+    """The Spark twin of expectations.suites.with_derived_columns (the same columns, with
+    the same values): caption_token_count and, given the spec, the multi-label checks'."""
+    extra: dict[str, Column] = {}
+    if S.CAPTION_TOKENS in sdf.columns:
+        tokens = F.col(S.CAPTION_TOKENS)
+        extra[CAPTION_TOKEN_COUNT] = F.when(tokens.isNull(), F.lit(None)).otherwise(
+            F.size(tokens))
+    for name, attr in (spec.attributes.items() if spec is not None else ()):
+        if not attr.multi:
+            continue
+        if S.labels(name) in sdf.columns:
+            labels = F.col(f"`{S.labels(name)}`")
+            allowed = list(attr.labels)
+            outside = F.transform(F.filter(labels, lambda x: x.isNull() | ~x.isin(allowed)),
+                                  lambda x: F.coalesce(x, F.lit("")))
+            extra[label_count(name)] = F.when(labels.isNotNull(), F.size(labels))
+            extra[each_label(name)] = F.when(labels.isNotNull(), F.coalesce(
+                F.get(outside, 0), F.get(labels, 0)))
+            for lab in attr.labels:
+                extra[has_label(name, lab)] = F.when(labels.isNotNull(),
+                                                     _carries(labels, lab).cast("double"))
+        if S.scores(name) in sdf.columns:
+            scores = F.col(f"`{S.scores(name)}`")
+            numbers = F.filter(scores, lambda x: x.isNotNull() & ~F.isnan(x))
+            off = F.filter(numbers, lambda x: (x < 0.0) | (x > 1.0))
+            extra[score_count(name)] = F.when(scores.isNotNull(), F.size(numbers))
+            extra[each_score(name)] = F.when(scores.isNotNull(), F.coalesce(
+                F.get(off, 0), F.get(numbers, 0)).cast("double"))
+    clash = sorted((set(extra) - {CAPTION_TOKEN_COUNT}) & set(sdf.columns))
+    if clash:
+        raise SuiteError(f"the table has columns {clash}, which the gate derives itself; "
+                         "rename them")
+    return sdf.withColumns(extra) if extra else sdf
+
+
+def _carries(labels: Column, label: str) -> Column:
+    """Whether the list holds `label` (false, not null, beside null entries)."""
+    return F.exists(labels, lambda x: F.coalesce(x == F.lit(label), F.lit(False)))
 
 
 @dataclass
@@ -133,6 +170,10 @@ def validate_spark_frame(sdf: DataFrame, suites: Sequence, *, view: str = "frame
                      for j, v in enumerate(item.values)]
             aggs.append(F.sum((~null & ~c.isin(item.values)).cast("long")).alias(f"ko{i}"))
             aggs.append(F.sum((~null).cast("long")).alias(f"nn{i}"))
+        elif item.kind == MEAN:
+            c, null = F.col(f"`{item.column}`"), _is_null(sdf, item.column)
+            aggs.append(F.avg(F.when(~null, c.cast("double"))).alias(f"m{i}"))
+            aggs.append(F.sum((~null).cast("long")).alias(f"nn{i}"))
     row = sdf.agg(*aggs).first().asDict()
     n = int(row["n"])
     if n_rows is not None and n != n_rows:
@@ -201,6 +242,13 @@ def _item(suite: str, config, sdf: DataFrame) -> _Item:
         if high is not None:
             ok = ok & ((c < high) if kwargs.get("strict_max") else (c <= high))
         item.unexpected = ~null & ~ok
+    elif item.kind == MEAN:
+        low, high = kwargs.get("min_value"), kwargs.get("max_value")
+        if low is None and high is None:
+            return error("min_value and max_value cannot both be None")
+        if not isinstance(kind, _NUMERIC) and not isinstance(kind, T.BooleanType):
+            return error(f"column {column} ({kind.simpleString()}) is not numeric: it has "
+                         "no mean")
     elif item.kind == KL:
         partition = kwargs.get("partition_object") or {}
         if "values" not in partition or kwargs.get("bucketize_data") is True:
@@ -230,6 +278,8 @@ def _decide(item: _Item, i: int, row: dict, n: int, sdf: DataFrame) -> Check:
         finite = not (math.isinf(kl) or math.isnan(kl))
         success = True if threshold is None else bool(kl <= threshold)
         return Check(**base, success=success, observed=kl if finite else None)
+    if item.kind == MEAN:
+        return _mean_check(base, item, row[f"m{i}"], int(row[f"nn{i}"] or 0))
     if item.kind == UNIQUE:
         nonnull = int(row.get(f"nn{i}") or 0)
         dups = (sdf.where(F.col(f"`{item.column}`").isNotNull()).groupBy(item.column).count()
@@ -244,6 +294,20 @@ def _decide(item: _Item, i: int, row: dict, n: int, sdf: DataFrame) -> Check:
         sample = [r[0] for r in sdf.where(item.unexpected).select(f"`{item.column}`")
                   .distinct().limit(SAMPLE).collect()]
     return _row_check(base, item, n, nonnull, unexpected, sample)
+
+
+def _mean_check(base: dict, item: _Item, mean: float | None, nonnull: int) -> Check:
+    """GE's expect_column_mean_to_be_between: the mean of the non-null values within the
+    bounds (strict_min / strict_max exclude them); no mean without values."""
+    if not nonnull or mean is None:
+        return Check(**base, success=False, observed=None)
+    low, high = item.kwargs.get("min_value"), item.kwargs.get("max_value")
+    ok = True
+    if low is not None:
+        ok = ok and ((mean > low) if item.kwargs.get("strict_min") else (mean >= low))
+    if high is not None:
+        ok = ok and ((mean < high) if item.kwargs.get("strict_max") else (mean <= high))
+    return Check(**base, success=bool(ok), observed=float(mean))
 
 
 def _row_check(base: dict, item: _Item, n: int, nonnull: int, unexpected: int,

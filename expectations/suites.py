@@ -3,8 +3,26 @@
 The spec suite checks what the spec promises about the annotation table: labels inside the
 declared sets, confidences in [0, 1], few errors, captions of a sane length, semantic IDs
 present for nearly every item, unique item ids, and label shares close to a stored reference.
+Multi-label attributes: every chosen label in the set, as many labels as the spec allows, one
+score in [0, 1] per declared label; ordinal ones: the expected value within the labels' numbers.
 User suites are plain Great Expectations 1.x suite JSON files, `<suites_dir>/<feature
 view>.json`, applied on top.
+
+Great Expectations has no expectation on the elements of a list column, so the list columns
+are checked through *derived* columns, computed before validation by `with_derived_columns`
+here (pandas) and by its twin in expectations.spark_checks (Spark), with the same values:
+
+    caption_token_count     len(caption_tokens)
+    <A>_label_count         len(<A>_labels): the size of the chosen set
+    <A>_each_label          the first of the row's labels outside the spec's set (a null entry
+                            as ''), else its first label: in the set exactly when every label is
+    <A>_score_count         the scores that are numbers (null and NaN entries do not count)
+    <A>_each_score          the first score outside [0, 1], else the first score
+    <A>_has_<label>         1.0 when the row carries the label, else 0.0: its mean is the
+                            label's share, which the drift check compares with the reference
+
+Each is null where the list is null (an annotation error), so the checks skip those rows as
+they skip a null label.
 """
 from __future__ import annotations
 
@@ -35,12 +53,92 @@ class SuiteError(ValueError):
     """A suite, reference or threshold that cannot be used; the message names the file."""
 
 
-def with_derived_columns(df: pd.DataFrame) -> pd.DataFrame:
-    """Columns the suites check that the table stores only implicitly."""
-    if S.CAPTION_TOKENS not in df.columns:
-        return df
-    counts = df[S.CAPTION_TOKENS].map(lambda toks: None if toks is None else len(toks))
-    return df.assign(**{CAPTION_TOKEN_COUNT: counts.astype("Int64")})
+def label_count(attribute: str) -> str:
+    return f"{attribute}_label_count"
+
+
+def each_label(attribute: str) -> str:
+    return f"{attribute}_each_label"
+
+
+def score_count(attribute: str) -> str:
+    return f"{attribute}_score_count"
+
+
+def each_score(attribute: str) -> str:
+    return f"{attribute}_each_score"
+
+
+def has_label(attribute: str, label: str) -> str:
+    return f"{attribute}_has_{label}"
+
+
+def derived_columns(spec: Spec | None) -> list[str]:
+    """The names `with_derived_columns` may add for this spec."""
+    names = [CAPTION_TOKEN_COUNT]
+    for name, attr in (spec.attributes.items() if spec is not None else ()):
+        if attr.multi:
+            names += [label_count(name), each_label(name), score_count(name), each_score(name),
+                      *[has_label(name, lab) for lab in attr.labels]]
+    return names
+
+
+def _missing(value) -> bool:
+    return value is None or (isinstance(value, float) and value != value)
+
+
+def _first_outside_set(labels, allowed: set):
+    if _missing(labels) or len(labels) == 0:
+        return None
+    for lab in labels:
+        if lab is None or lab not in allowed:
+            return "" if lab is None else lab
+    return labels[0]
+
+
+def _numbers(scores) -> list[float]:
+    return [float(s) for s in scores if not _missing(s)]
+
+
+def _first_outside_unit(scores):
+    if _missing(scores):
+        return None
+    numbers = _numbers(scores)
+    for s in numbers:
+        if s < 0.0 or s > 1.0:
+            return s
+    return numbers[0] if numbers else None
+
+
+def with_derived_columns(df: pd.DataFrame, spec: Spec | None = None) -> pd.DataFrame:
+    """Columns the suites check that the table stores only implicitly (module docstring);
+    the multi-label ones need the spec."""
+    extra = {}
+    if S.CAPTION_TOKENS in df.columns:
+        counts = df[S.CAPTION_TOKENS].map(lambda toks: None if toks is None else len(toks))
+        extra[CAPTION_TOKEN_COUNT] = counts.astype("Int64")
+    for name, attr in (spec.attributes.items() if spec is not None else ()):
+        if not attr.multi:
+            continue
+        if S.labels(name) in df.columns:
+            labels, allowed = df[S.labels(name)], set(attr.labels)
+            extra[label_count(name)] = labels.map(
+                lambda v: None if _missing(v) else len(v)).astype("Int64")
+            extra[each_label(name)] = labels.map(lambda v: _first_outside_set(v, allowed))
+            for lab in attr.labels:
+                extra[has_label(name, lab)] = labels.map(
+                    lambda v, lab=lab: float("nan") if _missing(v) else float(lab in list(v))
+                ).astype("float64")
+        if S.scores(name) in df.columns:
+            scores = df[S.scores(name)]
+            extra[score_count(name)] = scores.map(
+                lambda v: None if _missing(v) else len(_numbers(v))).astype("Int64")
+            extra[each_score(name)] = scores.map(_first_outside_unit).astype("float64")
+    clash = sorted((set(extra) - {CAPTION_TOKEN_COUNT}) & set(df.columns))
+    if clash:
+        raise SuiteError(f"the table has columns {clash}, which the gate derives itself; "
+                         "rename them")
+    return df.assign(**extra) if extra else df
 
 
 def spec_suite(spec: Spec, thresholds: Thresholds, reference: dict | None, n_rows: int,
@@ -58,12 +156,7 @@ def spec_suite(spec: Spec, thresholds: Thresholds, reference: dict | None, n_row
         E.ExpectColumnValuesToBeNull(column=S.ERROR, mostly=mostly),
     ]
     for name, attr in spec.attributes.items():
-        expectations += [
-            E.ExpectColumnValuesToBeInSet(column=S.label(name), value_set=list(attr.labels)),
-            E.ExpectColumnValuesToNotBeNull(column=S.label(name), mostly=mostly),
-            E.ExpectColumnValuesToBeBetween(column=S.confidence(name),
-                                            min_value=0.0, max_value=1.0),
-        ]
+        expectations += _attribute_expectations(name, attr, mostly)
     if spec.caption is not None:
         expectations.append(E.ExpectColumnValuesToBeBetween(
             column=CAPTION_TOKEN_COUNT, min_value=thresholds.caption_min_tokens,
@@ -80,6 +173,36 @@ def spec_suite(spec: Spec, thresholds: Thresholds, reference: dict | None, n_row
     return suite, notes
 
 
+def _attribute_expectations(name: str, attr, mostly: float) -> list:
+    """What the spec promises about one attribute's columns, by its kind."""
+    labels = list(attr.labels)
+    if attr.multi:
+        return [
+            E.ExpectColumnValuesToNotBeNull(column=S.labels(name), mostly=mostly),
+            E.ExpectColumnValuesToBeInSet(column=each_label(name), value_set=labels),
+            E.ExpectColumnValuesToBeBetween(
+                column=label_count(name), min_value=attr.min_labels,
+                max_value=len(labels) if attr.max_labels is None else attr.max_labels),
+            E.ExpectColumnValuesToNotBeNull(column=S.scores(name), mostly=mostly),
+            E.ExpectColumnValuesToBeBetween(column=each_score(name), min_value=0.0,
+                                            max_value=1.0),
+            # one probability per declared label, aligned with the spec's labels
+            E.ExpectColumnValuesToBeBetween(column=score_count(name), min_value=len(labels),
+                                            max_value=len(labels)),
+        ]
+    expectations = [
+        E.ExpectColumnValuesToBeInSet(column=S.label(name), value_set=labels),
+        E.ExpectColumnValuesToNotBeNull(column=S.label(name), mostly=mostly),
+        E.ExpectColumnValuesToBeBetween(column=S.confidence(name),
+                                        min_value=0.0, max_value=1.0),
+    ]
+    if attr.ordinal:  # an expected value of the labels' numbers lies within them
+        expectations.append(E.ExpectColumnValuesToBeBetween(
+            column=S.value(name), min_value=float(min(attr.values)),
+            max_value=float(max(attr.values))))
+    return expectations
+
+
 def _drift_expectations(spec: Spec, thresholds: Thresholds, reference: dict | None,
                         n_rows: int) -> tuple[list, list[str]]:
     if reference is None:
@@ -90,9 +213,17 @@ def _drift_expectations(spec: Spec, thresholds: Thresholds, reference: dict | No
     expectations, notes = [], []
     for name, attr in spec.attributes.items():
         ref = reference["attributes"].get(name)
-        if ref is None or ref.get("attribute_version") != attr.version:
+        if (ref is None or ref.get("attribute_version") != attr.version
+                or ("shares" if attr.multi else "weights") not in ref):
             notes.append(f"label drift of {name!r} not checked: the reference predates the "
                          f"current definition of {name!r}; write a new reference")
+            continue
+        if attr.multi:  # each label's share of the labelled items, within a band
+            shift = thresholds.max_label_share_shift
+            expectations += [E.ExpectColumnMeanToBeBetween(
+                column=has_label(name, lab), min_value=round(max(0.0, share - shift), 6),
+                max_value=round(min(1.0, share + shift), 6))
+                for lab, share in zip(ref["values"], ref["shares"])]
             continue
         expectations.append(E.ExpectColumnKLDivergenceToBeLessThan(
             column=S.label(name),

@@ -56,8 +56,8 @@ from pyspark.sql.types import StructType
 from udfs import register
 from udfs import schema as S
 from udfs import semantic_ids
-from udfs.engines import (DEFAULT_ENGINE, EngineConfigError, check_config, label_models,
-                          parse_engine)
+from udfs.engines import (DEFAULT_ENGINE, EngineConfigError, can_tag, check_config,
+                          label_models, parse_engine)
 from udfs import connect
 from udfs.connect import ConnectError
 from udfs.functions import METRICS, sum_metrics
@@ -668,6 +668,12 @@ def main(argv: list[str] | None = None) -> int:
             routing = Routing(parse_engine(args.tail_engine), args.popularity_column,
                               args.head_min_popularity, args.head_budget)
             check_config(routing.engine)
+        multi = [a for a, attr in spec.attributes.items() if attr.multi]
+        for config in [engine, *([routing.engine] if routing else [])]:
+            if multi and not can_tag(config):
+                raise JobError(f"engine {config.get('type')!r} cannot score multi-label "
+                               f"attributes ({', '.join(multi)}); use the embedding, "
+                               "transformers, vllm or openai engine for them")
         if not Path(args.input).exists() and "://" not in args.input:
             raise JobError(f"input table not found: {args.input}")
         text_columns = [c.strip() for c in args.text_columns.split(",") if c.strip()]

@@ -19,8 +19,10 @@ import shutil
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
+from udfs import schema as S
 from udfs.schema import share_column
 from udfs.spec import SpecError, load_spec
 from udfs.table import TableError, read_latest
@@ -38,11 +40,25 @@ def read_ratings(path: str | Path) -> pd.DataFrame:
                          "ts": r["timestamp"].astype("int64")})
 
 
-def latest_labels(annotations: pd.DataFrame, attribute: str) -> pd.Series:
-    """item_id -> the label of the item's newest annotation row (None where it failed)."""
+def latest_labels(annotations: pd.DataFrame, attribute: str, multi: bool = False) -> pd.Series:
+    """item_id -> the label of the item's newest annotation row (None where it failed); for
+    a multi-label attribute (`multi`) its chosen labels (a list or array; None where it
+    failed)."""
     order = [c for c in ("event_timestamp", "created_timestamp") if c in annotations.columns]
     newest = annotations.sort_values(order, kind="stable").drop_duplicates("item_id", keep="last")
-    return newest.set_index("item_id")[f"{attribute}_label"]
+    return newest.set_index("item_id")[S.labels(attribute) if multi else S.label(attribute)]
+
+
+def carries(labels: pd.Series, label: str) -> pd.Series:
+    """Per item: 1 when the item's label is `label` or, for a multi-label attribute, its
+    chosen labels include it; 0 otherwise (no annotation, another label, a malformed value)."""
+    def has(value) -> bool:
+        if isinstance(value, str):
+            return value == label
+        if isinstance(value, (list, tuple, np.ndarray)):
+            return any(isinstance(v, str) and v == label for v in value)
+        return False
+    return pd.Series([int(has(v)) for v in labels], index=labels.index, dtype="int64")
 
 
 def _running(df: pd.DataFrame, key: str, values: list[str]) -> pd.DataFrame:
@@ -72,15 +88,18 @@ def item_stats(ratings: pd.DataFrame) -> pd.DataFrame:
 def user_stats(ratings: pd.DataFrame, labels: dict[str, pd.Series],
                label_sets: dict[str, tuple[str, ...]]) -> pd.DataFrame:
     """Counts, mean rating and, per attribute and label, the share of past ratings on items
-    with that label (`labels`: attribute -> item_id -> label).
+    with that label (`labels`: attribute -> item_id -> label, or for a multi-label attribute
+    item_id -> its chosen labels, latest_labels(multi=True); an item carrying several
+    labels counts towards each, so a multi-label attribute's shares need not sum to 1).
 
     Items without a label (unannotated, or the annotation failed) count in the denominator.
     """
     onehot = {}
     for attribute, label_set in label_sets.items():
-        item_label = ratings["item_id"].map(labels[attribute])
-        onehot.update({share_column(attribute, lab): (item_label == lab).astype("int64")
-                       for lab in label_set})
+        per_item = labels[attribute]
+        for lab in label_set:
+            onehot[share_column(attribute, lab)] = ratings["item_id"].map(
+                carries(per_item, lab)).fillna(0).astype("int64")
     cum = _running(ratings.assign(n=1, **onehot), "user_id", ["n", "rating", *onehot])
     out = pd.DataFrame({"user_id": cum["user_id"], "event_timestamp": cum["event_timestamp"],
                         "user_n_ratings": cum["n"].astype("int64"),
@@ -121,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     ratings = read_ratings(args.ratings)
     annotations = annotations.rename(columns={key: "item_id"})  # the ratings' name for it
-    labels = {a.name: latest_labels(annotations, a.name) for a in attributes}
+    labels = {a.name: latest_labels(annotations, a.name, a.multi) for a in attributes}
     out = Path(args.out)
     items = item_stats(ratings)
     users = user_stats(ratings, labels, {a.name: a.labels for a in attributes})

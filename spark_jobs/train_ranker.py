@@ -10,7 +10,8 @@ The ablation protocol (fixed before any result was seen; docs/QUALITY.md):
 
 * variants (ranking_service.features.VARIANTS): `baseline` (interaction statistics),
   `genres` (+ the catalogue's human genres), then, each on top of `genres`: `attributes`
-  (LLM attributes and the user's share of the item's label), `captions` (caption tokens),
+  (LLM attributes by kind, single, multi-label or ordinal, and the user's share of the
+  item's label; ranking_service.features), `captions` (caption tokens),
   `semantic_ids` (the semantic ID's code per level), and `all`. The reference is `genres`:
   an LLM feature is worth something only if it adds to the metadata the catalogue has;
 * rolling time folds: the newest `folds` x `fold_fraction` of interactions (by time) are

@@ -30,7 +30,8 @@ from udfs.spec import SpecError, load_spec
 from udfs.table import TableError, read_latest
 
 GATE_DIR = Path("feature_repo/data/gate")
-THRESHOLD_FLAGS = ("max_error_share", "max_kl_divergence", "min_rows_for_drift")
+THRESHOLD_FLAGS = ("max_error_share", "max_kl_divergence", "max_label_share_shift",
+                   "min_rows_for_drift")
 
 
 class ConfigError(ValueError):
@@ -117,6 +118,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "the reference for later drift checks")
     p.add_argument("--max-error-share", type=float)
     p.add_argument("--max-kl-divergence", type=float)
+    p.add_argument("--max-label-share-shift", type=float,
+                   help="multi-label attributes: largest change of a label's share")
     p.add_argument("--min-rows-for-drift", type=int)
     p.add_argument("--verbose", action="store_true", help="show the libraries' own logging")
     args = p.parse_args(argv)

@@ -188,3 +188,18 @@ def test_jobs_for_single_labels_refuse_a_multi_label_attribute(tmp_path, capsys)
     err = capsys.readouterr().err
     assert err.count("is a multi-label attribute") == 3, err
     assert not (tmp_path / "ft").exists() and not (tmp_path / "st").exists()
+
+
+def test_the_annotate_job_refuses_an_engine_that_cannot_score_a_multi_label_attribute(
+        tmp_path, capsys):
+    from spark_jobs import annotate
+    items = tmp_path / "items.csv"
+    pd.DataFrame({"item_id": [1], "title": ["Heat"]}).to_csv(items, index=False)
+    rc = annotate.main(["--spec", str(ROOT / "specs" / "movielens_kinds.yaml"),
+                        "--input", str(items), "--output", str(tmp_path / "out"),
+                        "--engine", "tests.test_attribute_kinds:Unsure"])
+    assert rc == 2 and not (tmp_path / "out").exists()
+    err = capsys.readouterr().err.strip()
+    assert err == ("annotate: error: engine 'tests.test_attribute_kinds:Unsure' cannot score "
+                   "multi-label attributes (genres); use the embedding, transformers, vllm or "
+                   "openai engine for them")

@@ -12,7 +12,7 @@ import xgboost as xgb
 
 from ranking_service import model as ranker_model
 from ranking_service.features import (REFERENCE, VARIANTS, FeatureSet, genre_vocabulary,
-                                      share_column, sid_column)
+                                      hot_column, score_column, share_column, sid_column)
 from spark_jobs.build_features import item_stats, latest_labels, read_ratings, user_stats
 from udfs.spec import load_spec
 from udfs.tokens import caption_tokens
@@ -269,3 +269,186 @@ def test_blocks_split_by_side_not_by_name():
     served = fs.assemble(fs.encode_items(rows), fs.encode_users(rows.iloc[[0]]))
     np.testing.assert_array_equal(served[:, fs.columns.index("user_share_user_intent")],
                                   m["user_share_user_intent"])
+
+
+# --- attribute kinds: multi-label and ordinal (specs/movielens_kinds.yaml) -------------------
+
+KINDS_SPEC = load_spec(ROOT / "specs" / "movielens_kinds.yaml")
+GENRE_LABELS = KINDS_SPEC.attributes["genres"].labels  # Action, Comedy, Drama, Romance, Thriller
+LEVELS = KINDS_SPEC.attributes["intensity"].labels     # "1".."5"
+
+
+def kinds_rows(arrays: bool) -> pd.DataFrame:
+    """Feature rows in the kinds schema: list values as numpy arrays (`arrays`: what
+    Parquet and pandas give) or Python lists (what Feast's online read gives), nulls and
+    values outside the spec included."""
+    seq = (lambda v, dtype=object: np.array(v, dtype=dtype)) if arrays else \
+        (lambda v, dtype=object: list(v))
+    rows = pd.DataFrame({
+        "item_n_ratings": [3, 1, 5, 0, 8, 2, 4], "item_mean_rating": [4.0, 2.5, 3.5, None, 2.0, 5.0, 3.0],
+        "user_n_ratings": [10] * 7, "user_mean_rating": [3.9] * 7,
+        "vibe_label": ["dark", None, "thoughtful", "light-hearted", "dark", "x", "dark"],
+        "vibe_confidence": [0.9, None, 0.5, 0.4, 0.7, 0.6, 0.8],
+        "genres_labels": [seq(["Action", "Thriller"]), None, seq(["Comedy"]),
+                          seq([]), seq(["Drama", "Western"]), seq(["Western"]),
+                          seq(["Romance", "Comedy", "Drama"])],
+        "genres_scores": [seq([0.9, 0.1, 0.2, 0.05, 0.7], float), None,
+                          seq([0.1, 0.95, 0.3, 0.2, 0.1], float),
+                          seq([0.2, 0.3], float),                       # not one per label
+                          seq([0.1, 0.2, 0.8, None, 0.3]),              # a null score
+                          seq([0.1, 0.1, 0.1, 0.1, 0.1], float),
+                          seq([0.05, 0.6, 0.55, 0.9, 0.0], float)],
+        "intensity_label": ["5", None, "1", "3", "9", "2", "4"],
+        "intensity_confidence": [0.8, None, 0.6, 0.4, 0.3, 0.5, 0.7],
+        "intensity_value": [4.7, None, 1.3, 3.0, 2.2, 2.1, 3.8],
+        "caption_tokens": [caption_tokens("a b"), None, [], caption_tokens("c"),
+                           caption_tokens("d e f"), caption_tokens("g"), caption_tokens("h")],
+    })
+    for name, attr in KINDS_SPEC.attributes.items():
+        for i, lab in enumerate(attr.labels):
+            rows[share_column(name, lab)] = (i + 1) / 16 + {"vibe": 0, "genres": 0.3,
+                                                            "intensity": 0.6}[name]
+    return rows
+
+
+def test_multi_label_and_ordinal_attributes_become_features_by_kind():
+    fs = FeatureSet.from_spec(KINDS_SPEC, n_buckets=4)
+    assert fs.kind("vibe") == "single" and fs.kind("genres") == "multi" \
+        and fs.kind("intensity") == "ordinal"
+    assert {r.split(":")[1] for r in fs.item_refs()} >= {
+        "genres_labels", "genres_scores", "intensity_label", "intensity_confidence",
+        "intensity_value"}
+    assert "item_annotations:genres_label" not in fs.item_refs()
+    hot = [hot_column("genres", g) for g in GENRE_LABELS]
+    score = [score_column("genres", g) for g in GENRE_LABELS]
+    assert hot[0] == "genres_has_Action" and score[-1] == "genres_score_Thriller"
+    assert fs.columns == [
+        "item_n_ratings", "item_mean_rating", "user_n_ratings", "user_mean_rating",
+        "vibe_label", "vibe_confidence", *hot, *score,
+        "intensity_label", "intensity_confidence", "intensity_value",
+        "user_share_vibe", "user_share_genres", "user_share_intensity",
+        *[f"caption_bucket_{i:02d}" for i in range(4)]]
+    rows = kinds_rows(arrays=True)
+    m = fs.matrix(rows)
+    # multi-hot in spec order; labels outside the spec ignored; no annotation (null) is NaN
+    # throughout, an empty set zeros
+    np.testing.assert_array_equal(m[hot].to_numpy(), [
+        [1, 0, 0, 0, 1], [np.nan] * 5, [0, 1, 0, 0, 0], [0] * 5, [0, 0, 1, 0, 0], [0] * 5,
+        [0, 1, 1, 1, 0]])
+    # one score per spec label; a null or malformed list NaN throughout, a null score NaN
+    scores = m[score].to_numpy()
+    np.testing.assert_array_equal(scores[0], [0.9, 0.1, 0.2, 0.05, 0.7])
+    assert np.isnan(scores[1]).all() and np.isnan(scores[3]).all()
+    np.testing.assert_array_equal(scores[4], [0.1, 0.2, 0.8, np.nan, 0.3])
+    # the cross feature of a set: the mean of the user's shares over the item's labels;
+    # NaN without an annotation or without a spec label
+    share = {g: rows[share_column("genres", g)].iloc[0] for g in GENRE_LABELS}
+    expected = [(share["Action"] + share["Thriller"]) / 2, np.nan, share["Comedy"], np.nan,
+                share["Drama"], np.nan, (share["Comedy"] + share["Drama"] + share["Romance"]) / 3]
+    np.testing.assert_allclose(m["user_share_genres"], expected)
+    # ordinal: the label a categorical over the spec's scale (an unexpected one missing),
+    # the expected value a number, the cross feature that of its label
+    assert list(m["intensity_label"].cat.categories) == list(LEVELS)
+    assert m["intensity_label"].astype(object).tolist()[:5] == ["5", np.nan, "1", "3", np.nan]
+    np.testing.assert_array_equal(m["intensity_value"], rows["intensity_value"].astype(float))
+    assert m["user_share_intensity"].iloc[0] == rows[share_column("intensity", "5")].iloc[0]
+    assert np.isnan(m["user_share_intensity"].iloc[4])
+    assert list(m["vibe_label"].cat.categories) == list(KINDS_SPEC.attributes["vibe"].labels)
+    # a row's features do not depend on the batch
+    pd.testing.assert_frame_equal(fs.matrix(rows.iloc[[6, 0, 3]]), m.iloc[[6, 0, 3]])
+
+
+def test_kinds_encode_the_same_from_lists_and_from_arrays():
+    """Online rows (Feast: Python lists) and offline rows (Parquet: numpy arrays) give the
+    same matrix, and serving's cached blocks assemble to training's matrix."""
+    fs = FeatureSet.from_spec(KINDS_SPEC, n_buckets=4)
+    offline, online = kinds_rows(arrays=True), kinds_rows(arrays=False)
+    assert isinstance(online["genres_labels"].iloc[0], list)
+    assert isinstance(offline["genres_labels"].iloc[0], np.ndarray)
+    items = fs.encode_items(online)
+    np.testing.assert_array_equal(items, fs.encode_items(offline))
+    served = fs.assemble(items, fs.encode_users(online.iloc[[0]]))
+    as_codes = np.column_stack([
+        np.where(c.cat.codes >= 0, c.cat.codes, np.nan)
+        if isinstance(c.dtype, pd.CategoricalDtype) else c.to_numpy(np.float64)
+        for _, c in fs.matrix(offline).items()])
+    np.testing.assert_array_equal(served, as_codes)  # categoricals as Ranker.predict sends them
+    # a string where a list belongs (malformed) is missing, not split into characters
+    odd = online.assign(genres_labels=["Action", None, None, None, None, None, None])
+    assert np.isnan(fs.matrix(odd)[hot_column("genres", "Action")].iloc[0])
+
+
+def test_the_kinds_are_saved_with_the_model(tmp_path):
+    fs = FeatureSet.from_spec(KINDS_SPEC, n_buckets=4)
+    d = fs.to_dict()
+    assert d["kinds"] == {"vibe": "single", "genres": "multi", "intensity": "ordinal"}
+    assert FeatureSet.from_dict(json.loads(json.dumps(d))) == fs
+    # a model saved before kinds: every attribute single-label, as it was trained
+    old = {k: v for k, v in FeatureSet.from_spec(SPEC).to_dict().items() if k != "kinds"}
+    assert FeatureSet.from_dict(old) == FeatureSet.from_spec(SPEC)
+    assert FeatureSet.from_spec(SPEC).kinds == ()
+    with pytest.raises(ValueError, match="kind must be one of"):
+        FeatureSet.from_dict({**d, "kinds": {"genres": "bag"}})
+    # a real model on the kinds' features, saved and loaded, scores the same
+    rows = pd.concat([kinds_rows(arrays=True)] * 6, ignore_index=True)
+    rng = np.random.default_rng(0)
+    rows["item_mean_rating"] = rng.uniform(1, 5, len(rows))
+    m = fs.matrix(rows)
+    ranker = xgb.XGBRanker(n_estimators=5, enable_categorical=True, tree_method="hist")
+    ranker.fit(m, rng.integers(0, 4, len(rows)), qid=np.repeat(np.arange(6), 7))
+    ranker_model.save(tmp_path / "m", ranker.get_booster(), fs, {"name": "kinds"})
+    loaded = ranker_model.load(tmp_path / "m")
+    assert loaded.features == fs
+    online = kinds_rows(arrays=False).assign(item_mean_rating=rows["item_mean_rating"][:7])
+    np.testing.assert_allclose(
+        loaded.predict(loaded.features.assemble(
+            fs.encode_items(online), fs.encode_users(online.iloc[[0]]))),
+        loaded.predict(m.iloc[:7]), rtol=1e-6)
+    # the kinds decide the columns: a model whose saved kinds were lost is refused
+    meta = tmp_path / "m" / "ranker.json"
+    saved = json.loads(meta.read_text())
+    del saved["features"]["kinds"]
+    meta.write_text(json.dumps(saved))
+    with pytest.raises(ranker_model.ModelError, match="features.py builds"):
+        ranker_model.load(tmp_path / "m")
+
+
+def test_multi_label_columns_must_not_collide():
+    with pytest.raises(ValueError, match="collide"):
+        FeatureSet((("tags", ("Sci-Fi", "Sci Fi")),), kinds=(("tags", "multi"),))
+    with pytest.raises(ValueError, match="not an attribute"):
+        FeatureSet((("tags", ("a", "b")),), kinds=(("mood", "multi"),))
+
+
+def test_user_shares_of_label_sets_match_a_brute_force_computation(ratings):
+    """A multi-label attribute: the share of past ratings on items carrying each label (an
+    item with several labels counts towards each; failed items in the denominator only);
+    an ordinal one like a single label."""
+    items = np.sort(ratings["item_id"].unique())
+    sets = [None if i % 9 == 0 else np.array([g for j, g in enumerate(GENRE_LABELS)
+                                              if (i >> j) & 1], dtype=object)
+            for i in range(len(items))]
+    sets[1] = np.array(["Drama", "Western"], dtype=object)  # outside the spec: ignored
+    ann = pd.DataFrame({"item_id": items, "created_timestamp": pd.Timestamp("2021-01-01", tz="UTC"),
+                        "genres_labels": sets,
+                        "intensity_label": [LEVELS[i % 5] if i % 4 else None
+                                            for i in range(len(items))]})
+    genres = latest_labels(ann, "genres", multi=True)
+    intensity = latest_labels(ann, "intensity")
+    stats = user_stats(ratings, {"genres": genres, "intensity": intensity},
+                       {"genres": GENRE_LABELS, "intensity": LEVELS})
+    assert list(stats.columns[4:]) == [share_column("genres", g) for g in GENRE_LABELS] + \
+        [share_column("intensity", lev) for lev in LEVELS]
+    joined = as_of(stats, "user_id", ratings)
+    for user in (2, 9):
+        mine = ratings[ratings["user_id"] == user]
+        for _, row in joined[joined["user_id"] == user].iterrows():
+            before = mine[mine["ts"] < row["ts"]]
+            if not len(before):
+                continue
+            for g in GENRE_LABELS:
+                carrying = [v is not None and g in list(v) for v in before["item_id"].map(genres)]
+                assert row[share_column("genres", g)] == pytest.approx(sum(carrying) / len(before))
+            for lev in LEVELS:
+                assert row[share_column("intensity", lev)] == pytest.approx(
+                    (before["item_id"].map(intensity) == lev).sum() / len(before))

@@ -175,3 +175,76 @@ def test_spark_gate_refuses_shape_like_pandas(spark, tmp_path):
     result = gate.check_spark("item_annotations", empty)
     assert "the table has no rows" in result.summary()
     assert math.isfinite(len(result.checks))
+
+
+# --- multi-label and ordinal attributes (specs/movielens_kinds.yaml) --------------------------
+
+def _kinds_cases():
+    from tests.test_gate_kinds import KINDS, bad_multi_frame, kinds_frame
+
+    def ref(df):
+        return {"attributes": label_distribution(df, KINDS)}
+
+    def drifted():
+        df = kinds_frame(seed=3)
+        df["genres_labels"] = [["Drama", "Thriller"] if i % 2 else list(v)
+                               for i, v in enumerate(df["genres_labels"])]
+        return df
+
+    def errors():
+        df = kinds_frame(seed=4)
+        df.loc[:29, "error"] = "engine timeout"
+        for column in ("genres_labels", "genres_scores", "intensity_label", "intensity_value"):
+            df.loc[:29, column] = None
+        return df
+
+    return {
+        "kinds: clean, with drift reference": lambda: (kinds_frame(seed=7),
+                                                       ref(kinds_frame(seed=0))),
+        "kinds: every multi-label defect": lambda: (bad_multi_frame(), ref(kinds_frame(seed=0))),
+        "kinds: drifted label shares": lambda: (drifted(), ref(kinds_frame(seed=0))),
+        "kinds: error rows, null lists": lambda: (errors(), ref(kinds_frame(seed=0))),
+        "kinds: every label list null": lambda: (kinds_frame(seed=2).assign(
+            genres_labels=None, genres_scores=None), ref(kinds_frame(seed=0))),
+    }
+
+
+KIND_CASES = _kinds_cases()
+
+
+@pytest.mark.parametrize("case", list(KIND_CASES))
+def test_spark_checks_agree_on_multi_label_and_ordinal_attributes(spark, tmp_path, case):
+    from tests.test_gate_kinds import KINDS
+    from udfs.schema import AnnotationSchema
+
+    df, ref = KIND_CASES[case]()
+    suite, _ = spec_suite(KINDS, Thresholds(), ref, len(df))
+    expected = validate_frame(pandas_derived(df, KINDS), [suite], view="item_annotations")
+    sdf = with_derived_columns(to_spark(spark, df, tmp_path / "t",
+                                        AnnotationSchema(KINDS).arrow_schema()), KINDS)
+    got = validate_spark_frame(sdf, [suite], view="item_annotations").result
+    assert_agree(expected, got)
+    assert got.success == (case == "kinds: clean, with drift reference"), got.summary()
+
+
+def test_spark_gate_quarantines_multi_label_rows_like_pandas(spark, tmp_path):
+    from tests.test_gate_kinds import KINDS, bad_multi_frame
+    from udfs.schema import AnnotationSchema
+
+    df = bad_multi_frame()
+    gate = Gate(spec=KINDS, report_dir=tmp_path / "reports", quarantine_dir=tmp_path / "q",
+                reference_dir=tmp_path / "ref")
+    sdf = to_spark(spark, df, tmp_path / "t", AnnotationSchema(KINDS).arrow_schema()).persist()
+    result = gate.check_spark("item_annotations", sdf)
+    sdf.unpersist()
+    pandas_result = Gate(spec=KINDS, report_dir=tmp_path / "r2", quarantine_dir=tmp_path / "q2",
+                         reference_dir=tmp_path / "ref").check("item_annotations", df)
+    assert_agree(pandas_result, result)
+    assert "genres_each_score): 1 rows (0.5%) unexpected (e.g. [1.3])" in result.summary()
+    rows = pd.read_parquet(result.quarantine[1])
+    pandas_rows = pd.read_parquet(pandas_result.quarantine[1])
+    ours = {(r.item_id, tuple(sorted(r.failed_expectations))) for r in rows.itertuples()}
+    theirs = {(r.item_id, tuple(sorted(r.failed_expectations)))
+              for r in pandas_rows.itertuples()}
+    assert ours == theirs
+    assert list(rows.columns) == list(df.columns) + ["failed_expectations"]

@@ -115,3 +115,38 @@ def test_module_entry_point_exit_status(tmp_path):
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1, proc.stderr
     assert "expect_column_values_to_be_between(vibe_confidence)" in proc.stdout
+
+
+def test_multi_label_table_failures_and_share_drift_through_the_cli(tmp_path, dirs, capsys):
+    from tests.test_gate_kinds import KINDS, bad_multi_frame, kinds_frame
+    from udfs.schema import AnnotationSchema
+    from udfs.table import FeatureTable
+
+    kinds = str(ROOT / "specs" / "movielens_kinds.yaml")
+
+    def write(df, name):
+        FeatureTable(str(tmp_path / name)).write_frame(df, AnnotationSchema(KINDS))
+        return str(tmp_path / name)
+
+    assert main(["--spec", kinds, "--table", write(kinds_frame(seed=0), "good"),
+                 "--write-reference", *dirs]) == 0
+    assert "reference written" in capsys.readouterr().out
+    assert main(["--spec", kinds, "--table", write(bad_multi_frame(), "bad"), *dirs]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL expect_column_values_to_be_in_set(genres_each_label): 2 rows (1.0%) " \
+           "unexpected (e.g. ['Horror', ''])" in out
+    assert "FAIL expect_column_values_to_be_between(genres_each_score): 1 rows (0.5%) " \
+           "unexpected (e.g. [1.3])" in out
+    assert "FAIL expect_column_values_to_be_between(genres_label_count): 2 rows" in out
+    assert "FAIL expect_column_values_to_be_between(intensity_value)" in out
+
+    drifted = kinds_frame(seed=4)
+    drifted["genres_labels"] = [["Drama", "Thriller"] if i % 2 else list(v)
+                                for i, v in enumerate(drifted["genres_labels"])]
+    table = write(drifted, "drifted")
+    assert main(["--spec", kinds, "--table", table, *dirs]) == 1
+    assert "FAIL expect_column_mean_to_be_between(genres_has_Thriller)" in capsys.readouterr().out
+    assert main(["--spec", kinds, "--table", table, "--max-label-share-shift", "0.5",
+                 *dirs]) == 0
+    assert main(["--spec", kinds, "--table", table, "--max-label-share-shift", "2",
+                 *dirs]) == 2  # not a share

@@ -62,6 +62,7 @@ def annotation_feature_view(spec: Spec | str | Path, entity, source=None, *,
                             name: str = "item_annotations", ttl: timedelta = timedelta(0),
                             online: bool = True, tags: dict | None = None):
     """A FeatureView serving every feature column of the spec's table (labels, confidences,
+    a multi-label attribute's label and score lists as Array(String) and Array(Float64),
     versions, caption and tokens, provenance), keyed by `entity`.
 
     Give `source`, or `table` (the annotate job's --output) to build one with

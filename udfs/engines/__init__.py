@@ -103,6 +103,13 @@ def label_models(config: dict | None) -> list[str] | None:
     return _load(dict(config or DEFAULT_ENGINE).get("type")).same_labels(name)
 
 
+def can_tag(config: dict | None) -> bool:
+    """Whether the engine `config` builds scores multi-label attributes (implements
+    Engine.tag), known from its class without building it."""
+    engine_cls = _load(dict(config or DEFAULT_ENGINE).get("type"))
+    return engine_cls.tag is not Engine.tag
+
+
 def parse_engine(value: str | None) -> dict:
     """An --engine option: a type name, inline JSON, or a YAML/JSON file with a 'type' key."""
     if not value:
@@ -138,4 +145,4 @@ def build_engine(config: dict | None) -> Engine:
 
 
 __all__ = ["Engine", "Labels", "EngineConfigError", "build_engine", "check_config",
-           "parse_engine", "model_name", "DEFAULT_ENGINE"]
+           "parse_engine", "model_name", "can_tag", "DEFAULT_ENGINE"]
