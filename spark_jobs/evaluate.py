@@ -115,11 +115,15 @@ def annotate(items: pd.DataFrame, attribute: Attribute, engine_config: dict,
              text_columns: list[str]) -> tuple[pd.DataFrame, dict]:
     """Annotation columns for `items` through udfs.annotator, plus timing."""
     from udfs.annotator import annotate_texts, clean_columns
-    from udfs.engines import build_engine
+    from udfs.engines import build_engine, can_tag
 
     missing = [c for c in ["item_id", *text_columns] if c not in items.columns]
     if missing:
         raise EvaluateError(f"items lack columns {missing}; they have {list(items.columns)}")
+    if attribute.multi and not can_tag(engine_config):
+        raise EvaluateError(f"engine {engine_config.get('type')!r} cannot score multi-label "
+                            f"attributes such as {attribute.name!r}; use the embedding, "
+                            "transformers, vllm or openai engine")
     engine = build_engine(engine_config)
     try:
         texts = clean_columns([items[c] for c in text_columns])

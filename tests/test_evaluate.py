@@ -180,6 +180,10 @@ def test_multi_label_bad_annotations_exit_2(tmp_path, capsys):
     assert evaluate.main(["--spec", SPEC, "--attribute", "genres", "--movielens", "--limit",
                           "5", "--sample", "5", "--out", str(tmp_path / "o")]) == 2
     assert "not both" in capsys.readouterr().err
+    assert evaluate.main(["--spec", SPEC, "--attribute", "genres", "--movielens", "--limit",
+                          "5", "--engine", '{"type": "student", "path": "nowhere"}',
+                          "--out", str(tmp_path / "o")]) == 2
+    assert "cannot score multi-label attributes" in capsys.readouterr().err
 
 
 def test_multi_label_genres_live_through_the_embedding_engine(tmp_path):
