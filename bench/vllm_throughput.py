@@ -213,7 +213,9 @@ def main() -> None:
     items = items[items["description"].notna()].head(
         WARMUP + args.caption_rows + max(args.rows, 1))
     specs = {"movielens": load_spec(ROOT / "specs" / "movielens.yaml"),
-             "movielens_genre": load_spec(ROOT / "specs" / "movielens_genre.yaml"),
+             # the single-label genre (the spec's 18-label genres would change this row)
+             "movielens_genre": load_spec(ROOT / "specs" / "movielens_genre.yaml")
+             .restricted(["genre"]),
              # the multi-label genres (5 labels, a yes/no question each)
              "movielens_kinds": load_spec(ROOT / "specs" / "movielens_kinds.yaml")
              .restricted(["genres"])}

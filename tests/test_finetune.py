@@ -172,7 +172,12 @@ def test_the_annotate_job_says_what_a_tuned_model_was_not_trained_on(trained):
     from spark_jobs.annotate import tuned_model_notes
     engine = {"type": "vllm", "model": str(trained["out"])}
     spec = load_spec(SPEC)
-    assert tuned_model_notes(spec, [engine]) == []  # asked what it was trained for
+    only_genre = spec.restricted(["genre"])
+    assert tuned_model_notes(only_genre, [engine]) == []  # asked what it was trained for
+    # the genre spec's multi-label genres attribute is another attribute: said so
+    (note,) = tuned_model_notes(spec, [engine])
+    assert note == ("model was fine-tuned on genre only; it answers genres "
+                    "(and any caption) untrained")
     demo = load_spec(ROOT / "specs" / "movielens.yaml")
     (note,) = tuned_model_notes(demo, [engine, {"type": "embedding"}])
     assert note == ("model was fine-tuned on genre only; it answers vibe, audience "
