@@ -36,8 +36,8 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from expectations.result import SAMPLE, Check, GateResult, _plain, _sample
-from expectations.suites import (CAPTION_TOKEN_COUNT, SuiteError, each_label, each_score,
-                                 has_label, label_count, score_count)
+from expectations.suites import (CAPTION_TOKEN_COUNT, OUT_OF_ORDER, REPEATED, SuiteError,
+                                 each_label, each_score, has_label, label_count, score_count)
 from udfs import schema as S
 from udfs.spec import Spec
 
@@ -72,12 +72,10 @@ def with_derived_columns(sdf: DataFrame, spec: Spec | None = None) -> DataFrame:
             continue
         if S.labels(name) in sdf.columns:
             labels = F.col(f"`{S.labels(name)}`")
-            allowed = list(attr.labels)
-            outside = F.transform(F.filter(labels, lambda x: x.isNull() | ~x.isin(allowed)),
-                                  lambda x: F.coalesce(x, F.lit("")))
             extra[label_count(name)] = F.when(labels.isNotNull(), F.size(labels))
             extra[each_label(name)] = F.when(labels.isNotNull(), F.coalesce(
-                F.get(outside, 0), F.get(labels, 0)))
+                F.get(F.filter(_misplaced(labels, attr.labels), lambda y: y.isNotNull()), 0),
+                F.get(labels, 0)))
             for lab in attr.labels:
                 extra[has_label(name, lab)] = F.when(labels.isNotNull(),
                                                      _carries(labels, lab).cast("double"))
@@ -93,6 +91,22 @@ def with_derived_columns(sdf: DataFrame, spec: Spec | None = None) -> DataFrame:
         raise SuiteError(f"the table has columns {clash}, which the gate derives itself; "
                          "rename them")
     return sdf.withColumns(extra) if extra else sdf
+
+
+def _misplaced(labels: Column, allowed) -> Column:
+    """Per entry, what makes it break the spec (null where nothing does), in the pandas
+    twin's terms (suites._first_misplaced): null or outside the set, repeated, out of order."""
+    order = F.array(*[F.lit(lab) for lab in allowed])
+    position = F.transform(labels, lambda x: F.array_position(order, x))  # 0: not in the set
+
+    def why(x: Column, i: Column) -> Column:
+        return (F.when(x.isNull(), F.lit(""))
+                .when(F.get(position, i) == 0, x)
+                .when(F.array_position(labels, x) <= i, F.concat(x, F.lit(REPEATED)))
+                # get() is null before the first entry, so the first is never out of order
+                .when(F.get(position, i) < F.get(position, i - 1),
+                      F.concat(x, F.lit(OUT_OF_ORDER))))
+    return F.transform(labels, why)
 
 
 def _carries(labels: Column, label: str) -> Column:

@@ -15,7 +15,9 @@ here (pandas) and by its twin in expectations.spark_checks (Spark), with the sam
     caption_token_count     len(caption_tokens)
     <A>_label_count         len(<A>_labels): the size of the chosen set
     <A>_each_label          the first of the row's labels outside the spec's set (a null entry
-                            as ''), else its first label: in the set exactly when every label is
+                            as ''), repeated ('<label> (repeated)') or out of the spec's order
+                            ('<label> (out of spec order)'), else its first label: in the set
+                            exactly when the list is a set of the spec's labels in its order
     <A>_score_count         the scores that are numbers (null and NaN entries do not count)
     <A>_each_score          the first score outside [0, 1], else the first score
     <A>_has_<label>         1.0 when the row carries the label, else 0.0: its mean is the
@@ -87,12 +89,23 @@ def _missing(value) -> bool:
     return value is None or (isinstance(value, float) and value != value)
 
 
-def _first_outside_set(labels, allowed: set):
+REPEATED, OUT_OF_ORDER = " (repeated)", " (out of spec order)"
+
+
+def _first_misplaced(labels, order: dict):
+    """The value of <A>_each_label (module docstring); `order` maps each label to its index."""
     if _missing(labels) or len(labels) == 0:
         return None
+    seen, prev = set(), -1
     for lab in labels:
-        if lab is None or lab not in allowed:
+        if lab is None or lab not in order:
             return "" if lab is None else lab
+        if lab in seen:
+            return lab + REPEATED
+        if order[lab] < prev:
+            return lab + OUT_OF_ORDER
+        seen.add(lab)
+        prev = order[lab]
     return labels[0]
 
 
@@ -121,10 +134,10 @@ def with_derived_columns(df: pd.DataFrame, spec: Spec | None = None) -> pd.DataF
         if not attr.multi:
             continue
         if S.labels(name) in df.columns:
-            labels, allowed = df[S.labels(name)], set(attr.labels)
+            labels, order = df[S.labels(name)], {lab: i for i, lab in enumerate(attr.labels)}
             extra[label_count(name)] = labels.map(
                 lambda v: None if _missing(v) else len(v)).astype("Int64")
-            extra[each_label(name)] = labels.map(lambda v: _first_outside_set(v, allowed))
+            extra[each_label(name)] = labels.map(lambda v: _first_misplaced(v, order))
             for lab in attr.labels:
                 extra[has_label(name, lab)] = labels.map(
                     lambda v, lab=lab: float("nan") if _missing(v) else float(lab in list(v))

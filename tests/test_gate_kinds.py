@@ -77,6 +77,8 @@ def bad_multi_frame() -> pd.DataFrame:
     df.at[13, "genres_scores"] = [0.9, 0.1, 0.2]                      # not one per label
     df.at[14, "genres_scores"] = [0.9, float("nan"), 0.1, 0.2, 0.3]   # not a number
     df.at[15, "genres_labels"] = ["Comedy", None]                     # a null entry
+    df.at[16, "genres_labels"] = ["Drama", "Drama"]                   # a label twice
+    df.at[17, "genres_labels"] = ["Romance", "Action"]                # not in spec order
     df.loc[20, "intensity_value"] = 7.5                               # outside 1..5
     df.loc[21, "intensity_label"] = "6"
     return df
@@ -113,19 +115,23 @@ def test_the_suite_follows_each_kind():
 
 def test_derived_columns_of_a_multi_label_attribute():
     df = pd.DataFrame({
-        "genres_labels": [["Drama"], ["Drama", "Horror"], [], None, ["Comedy", None]],
+        "genres_labels": [["Drama"], ["Drama", "Horror"], [], None, ["Comedy", None],
+                          ["Action", "Drama", "Drama"], ["Drama", "Comedy"],
+                          ["Comedy", "Drama", "Romance"]],
         "genres_scores": [[0.1, 0.2, 0.9, 0.1, 0.0], [0.1, 1.3, -0.2, 0.1, 0.0], [],
-                          None, [float("nan"), 0.7, 0.1, 0.1, 0.1]],
+                          None, [float("nan"), 0.7, 0.1, 0.1, 0.1]] + [[0.5] * 5] * 3,
     })
     d = with_derived_columns(df, KINDS)
-    assert d["genres_label_count"].tolist() == [1, 2, 0, pd.NA, 2]
-    assert d["genres_each_label"].tolist() == ["Drama", "Horror", None, None, ""]
-    assert d["genres_score_count"].tolist() == [5, 5, 0, pd.NA, 4]
+    assert d["genres_label_count"].tolist() == [1, 2, 0, pd.NA, 2, 3, 2, 3]
+    assert d["genres_each_label"].tolist() == [
+        "Drama", "Horror", None, None, "", "Drama (repeated)", "Comedy (out of spec order)",
+        "Comedy"]
+    assert d["genres_score_count"].tolist() == [5, 5, 0, pd.NA, 4, 5, 5, 5]
     each = d["genres_each_score"].tolist()
     assert each[:2] == [0.1, 1.3] and np.isnan(each[2]) and np.isnan(each[3])
     assert each[4] == 0.7
     drama = d["genres_has_Drama"].tolist()
-    assert drama[:3] == [1.0, 1.0, 0.0] and np.isnan(drama[3]) and drama[4] == 0.0
+    assert drama[:3] == [1.0, 1.0, 0.0] and np.isnan(drama[3]) and drama[4:] == [0.0, 1.0, 1.0, 1.0]
     assert "genres_label_count" not in with_derived_columns(df)  # no spec, no multi columns
 
 
@@ -143,7 +149,8 @@ def test_a_failing_multi_label_table_is_refused_saying_why(gate):
     assert not result.success
     summary = result.summary()
     outside = failure(result, "expect_column_values_to_be_in_set", "genres_each_label")
-    assert outside.unexpected_count == 2 and set(outside.unexpected_values) == {"Horror", ""}
+    assert outside.unexpected_count == 4 and set(outside.unexpected_values) == {
+        "Horror", "", "Drama (repeated)", "Action (out of spec order)"}
     too_many = failure(result, "expect_column_values_to_be_between", "genres_label_count")
     assert too_many.unexpected_count == 2 and set(too_many.unexpected_values) == {4, 0}
     over = failure(result, "expect_column_values_to_be_between", "genres_each_score")
@@ -154,7 +161,7 @@ def test_a_failing_multi_label_table_is_refused_saying_why(gate):
     assert value.unexpected_values == (7.5,)
     label = failure(result, "expect_column_values_to_be_in_set", "intensity_label")
     assert label.unexpected_values == ("6",)
-    for line in ("FAIL expect_column_values_to_be_in_set(genres_each_label): 2 rows",
+    for line in ("FAIL expect_column_values_to_be_in_set(genres_each_label): 4 rows",
                  "FAIL expect_column_values_to_be_between(genres_label_count): 2 rows",
                  "'min_value': 1.0, 'max_value': 3.0",
                  "FAIL expect_column_values_to_be_between(genres_each_score): 1 rows",
@@ -163,7 +170,7 @@ def test_a_failing_multi_label_table_is_refused_saying_why(gate):
     # the quarantined rows are the table's own (no derived column), flagged by expectation
     batch, rows = result.quarantine
     failing = pd.read_parquet(rows)
-    assert sorted(failing["item_id"]) == sorted(df.loc[[3, 8, 9, 12, 13, 14, 15, 20, 21],
+    assert sorted(failing["item_id"]) == sorted(df.loc[[3, 8, 9, 12, 13, 14, 15, 16, 17, 20, 21],
                                                        "item_id"])
     assert "genres_each_label" not in failing.columns
     assert list(pd.read_parquet(batch).columns) == list(df.columns)
@@ -341,7 +348,7 @@ def test_a_failing_multi_label_table_is_refused_by_materialize_and_validate(kind
     proc = feast(repo, "materialize", *WINDOW)
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr
-    for line in ("FAIL expect_column_values_to_be_in_set(genres_each_label): 2 rows",
+    for line in ("FAIL expect_column_values_to_be_in_set(genres_each_label): 4 rows",
                  "'Horror'",
                  "FAIL expect_column_values_to_be_between(genres_each_score): 1 rows",
                  "(e.g. [1.3])",
