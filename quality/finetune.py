@@ -13,6 +13,10 @@ loss on those label tokens only. Nothing here imports torch or reads files:
   seeded permutation of the training split (or of the held-out one, to score a sample), so
   smaller subsets nest in larger ones (a learning curve's points differ only by the items
   added).
+- `check_label_sets`, `strata`, `label_set`: the same for a multi-label attribute, whose human
+  labels are a set per item ("|"-separated) and whose split is stratified by each item's
+  rarest label; its training examples are the yes/no answers to its per-label questions
+  (udfs.spec.Attribute.questions), as Engine.tag asks them.
 - `check_split`: a held-out split that shares an item id, or an item text, with the training
   split is refused.
 - `example`: one (ids, number of label tokens) pair; `batches`: a seeded order per epoch.
@@ -44,13 +48,11 @@ def _ids_text(ids: Sequence, limit: int = 5) -> str:
     return f"{shown}, ... ({len(ids)} in all)" if len(ids) > limit else shown
 
 
-def check_inputs(item_ids: Sequence, labels: Sequence[str], attribute: Attribute,
-                 known_items: set, min_per_label: int = MIN_PER_LABEL) -> list[str]:
-    """Every problem with the labelled items, one line each (empty: they can be trained on).
-
-    item_ids/labels: the human labels, one row each; known_items: the item table's ids."""
+def _common_problems(item_ids: Sequence, used: set, attribute: Attribute, known_items: set,
+                     one_row: str) -> list[str]:
+    """Labels outside the spec's set, unknown item ids, items labelled twice."""
     problems = []
-    outside = sorted({str(lab) for lab in labels} - set(attribute.labels))
+    outside = sorted(used - set(attribute.labels))
     if outside:
         problems.append(f"labels outside the spec's label set for {attribute.name!r}: "
                         f"{_ids_text(outside)}; the spec's labels are "
@@ -60,8 +62,17 @@ def check_inputs(item_ids: Sequence, labels: Sequence[str], attribute: Attribute
         problems.append(f"unknown item ids (not in the items table): {_ids_text(unknown)}")
     dupes = sorted((i for i, n in Counter(item_ids).items() if n > 1), key=str)
     if dupes:
-        problems.append(f"item ids labelled more than once: {_ids_text(dupes)}; give one "
-                        "label per item")
+        problems.append(f"item ids labelled more than once: {_ids_text(dupes)}; {one_row}")
+    return problems
+
+
+def check_inputs(item_ids: Sequence, labels: Sequence[str], attribute: Attribute,
+                 known_items: set, min_per_label: int = MIN_PER_LABEL) -> list[str]:
+    """Every problem with the labelled items, one line each (empty: they can be trained on).
+
+    item_ids/labels: the human labels, one row each; known_items: the item table's ids."""
+    problems = _common_problems(item_ids, {str(lab) for lab in labels}, attribute,
+                                known_items, "give one label per item")
     counts = Counter(str(lab) for lab in labels if lab in attribute.labels)
     few = {lab: n for lab, n in sorted(counts.items()) if n < min_per_label}
     if few:
@@ -72,6 +83,44 @@ def check_inputs(item_ids: Sequence, labels: Sequence[str], attribute: Attribute
         problems.append(f"the labels use only {sorted(counts)}; fine-tuning needs two "
                         "labels or more")
     return problems
+
+
+def label_set(value) -> tuple[str, ...]:
+    """A multi-label human label as given: "A|B" (as spark_jobs.evaluate reads truth) or a
+    list; stripped, empty parts dropped."""
+    parts = value.split("|") if isinstance(value, str) else list(value)
+    return tuple(p for p in (str(x).strip() for x in parts) if p)
+
+
+def check_label_sets(item_ids: Sequence, label_sets: Sequence[tuple[str, ...]],
+                     attribute: Attribute, known_items: set,
+                     min_per_label: int = MIN_PER_LABEL) -> list[str]:
+    """check_inputs for a multi-label attribute: every label needs min_per_label items that
+    have it and as many that do not (each answer, yes and no, trained on and held out)."""
+    problems = _common_problems(item_ids, {lab for s in label_sets for lab in s}, attribute,
+                                known_items, 'give one row per item, its labels "|"-separated')
+    n = len(label_sets)
+    has = Counter(lab for s in label_sets for lab in set(s))
+    few = {lab: has[lab] for lab in attribute.labels if has[lab] < min_per_label}
+    if few:
+        problems.append(f"too few items per label (at least {min_per_label} each, to train "
+                        f"on and to hold out): " +
+                        ", ".join(f"{lab} {k}" for lab, k in few.items()))
+    common = {lab: n - has[lab] for lab in attribute.labels
+              if lab not in few and n - has[lab] < min_per_label}
+    if common:
+        problems.append(f"too few items without a label (at least {min_per_label} each): " +
+                        ", ".join(f"{lab} {k}" for lab, k in common.items()))
+    return problems
+
+
+def strata(label_sets: Sequence[tuple[str, ...]], labels: Sequence[str]) -> list[str]:
+    """Each item's rarest label (ties in spec order; "" for an empty set): the key a
+    multi-label split is stratified by, so every label, rare ones too, is held out."""
+    counts = Counter(lab for s in label_sets for lab in set(s))
+    order = {lab: i for i, lab in enumerate(labels)}
+    return [min(s, key=lambda lab: (counts[lab], order.get(lab, len(order)))) if s else ""
+            for s in label_sets]
 
 
 @dataclass(frozen=True)
@@ -185,6 +234,9 @@ def ids_hash(ids: Sequence) -> str:
 
 
 def estimate_seconds(tokens_per_step: Sequence[int], probe_tokens: int,
-                     probe_seconds: float) -> float:
-    """All steps' time, extrapolated from a probe step's time per token."""
-    return probe_seconds / max(probe_tokens, 1) * sum(tokens_per_step)
+                     probe_seconds: float, update_seconds: float = 0.0) -> float:
+    """All steps' time: forward and backward extrapolated from a probe step's time per
+    token, plus each step's update (clipping, the optimizer), which does not grow with
+    the tokens."""
+    return (probe_seconds / max(probe_tokens, 1) * sum(tokens_per_step)
+            + update_seconds * len(tokens_per_step))

@@ -14,14 +14,19 @@ fine-tuning by default (`--train-layers K` trains only the top K decoder layers 
 norm, which is cheaper per step); no adapter, so there is nothing to merge.
 
 --labels: a table (CSV or Parquet) with item_id and label (or <attribute>_label), one label
-per item; --items: item_id and the text columns, built into the item text as the annotate job
+per item; for a multi-label attribute item_id and labels (or <attribute>_labels), the item's
+labels "|"-separated (or a list), trained as the yes/no answer to each label's question
+(Attribute.questions), exactly what Engine.tag scores, and split stratified by each item's
+rarest label. Rows without a label are not labelled items (the command says how many).
+--items: item_id and the text columns, built into the item text as the annotate job
 builds it. A stratified held-out split (--holdout, seeded) is never trained on; --max-train
 takes a nested, seeded subset of the training split (learning curves), --max-heldout a
 seeded sample of the held-out split to score. Bad input is refused before any model is
 loaded, one line per problem.
 
-Before training, three probe steps (forward and backward, no update) time a step and the
-command prints how long training will take; every few steps it prints the loss and s/step.
+Before training, three probe steps (forward and backward, no update) and the update on a
+throwaway optimizer with learning rate 0 (weights untouched) time a step, and the command
+prints how long training will take; every few steps it prints the loss and s/step.
 bf16 autocast is used where the CPU (or GPU) supports it (--precision auto); the weights stay
 float32 and are saved as float32.
 
@@ -29,8 +34,10 @@ float32 and are saved as float32.
 the base model's LICENSE), loaded as it is by {"type": "transformers", "model": "<out>"} and
 {"type": "vllm", "model": "<out>"}, plus card.json: base model, data hash, spec and attribute
 versions, the splits (ids, their hash and counts), hyper-parameters, training log and the
-held-out metrics (strict accuracy, macro-F1, kappa, ECE, hit rate; --baseline adds the base
-model's zero-shot figures on the same items), scored by --eval-engine on <out> as saved.
+held-out metrics (strict accuracy, macro-F1, kappa, ECE, hit rate; a multi-label attribute:
+micro/macro-F1, Jaccard, macro AUC, ECE, Brier beside the majority and label-frequency
+baselines fitted on the other labelled items; --baseline adds the base model's zero-shot
+figures on the same items), scored by --eval-engine on <out> as saved.
 """
 from __future__ import annotations
 
@@ -78,12 +85,22 @@ class Plan:
         return self.rows.set_index("item_id").loc[list(ids)].reset_index()
 
 
-def label_column(labels: pd.DataFrame, attribute: str) -> str:
-    for name in ("label", f"{attribute}_label"):
+def label_column(labels: pd.DataFrame, attribute: Attribute) -> str:
+    names = (("labels", f"{attribute.name}_labels", "label") if attribute.multi
+             else ("label", f"{attribute.name}_label"))
+    for name in names:
         if name in labels.columns:
             return name
-    raise FinetuneError(f"the labels table needs item_id and a 'label' (or "
-                        f"'{attribute}_label') column; it has {list(labels.columns)}")
+    raise FinetuneError(f"the labels table needs item_id and a {names[0]!r} (or "
+                        f"{names[1]!r}) column; it has {list(labels.columns)}")
+
+
+def _labelled(value) -> bool:
+    if isinstance(value, str):
+        return bool(value.strip())
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return False
+    return not hasattr(value, "__len__") or len(value) > 0
 
 
 def plan(attribute: Attribute, labels: pd.DataFrame, items: pd.DataFrame,
@@ -100,12 +117,24 @@ def plan(attribute: Attribute, labels: pd.DataFrame, items: pd.DataFrame,
     missing += [f"items.{c}" for c in ["item_id", *text_columns] if c not in items.columns]
     if missing:
         raise FinetuneError(f"missing columns {missing}")
-    column = label_column(labels, attribute.name)
-    labels = labels[labels[column].notna()]
-    ids, values = labels["item_id"].tolist(), labels[column].astype(str).str.strip().tolist()
+    column = label_column(labels, attribute)
+    given = labels[column].map(_labelled)
+    if not given.all():
+        log(f"{int((~given).sum())} rows without a label in {column!r}: not labelled items")
+    labels = labels[given]
+    ids = labels["item_id"].tolist()
     texts = pd.Series(clean_columns([items[c] for c in text_columns]).to_numpy(),
                       index=items["item_id"].to_numpy())
-    problems = core.check_inputs(ids, values, attribute, set(texts.index), min_per_label)
+    if attribute.multi:
+        sets = [core.label_set(v) for v in labels[column]]
+        problems = core.check_label_sets(ids, sets, attribute, set(texts.index), min_per_label)
+        # stored in spec order, "|"-separated (labels outside the set were refused above)
+        values = ["|".join(lab for lab in attribute.labels if lab in s) for s in sets]
+        keys = core.strata(sets, attribute.labels)
+    else:
+        values = labels[column].astype(str).str.strip().tolist()
+        problems = core.check_inputs(ids, values, attribute, set(texts.index), min_per_label)
+        keys = values
     empty = sorted({i for i in ids if i in texts.index and texts.get(i) is None}, key=str)
     if empty:
         problems.append(f"labelled items with an empty text: {core._ids_text(empty)}")
@@ -120,7 +149,7 @@ def plan(attribute: Attribute, labels: pd.DataFrame, items: pd.DataFrame,
         rest = rows[~rows["item_id"].isin(set(heldout_ids))]
         drawn = core.Split(tuple(rest["item_id"]), tuple(heldout_ids))
     else:
-        drawn = core.split(ids, values, holdout, seed, groups=rows["text"].tolist())
+        drawn = core.split(ids, keys, holdout, seed, groups=rows["text"].tolist())
     train = core.subset(drawn.train, max_train, seed, stream=1)
     heldout = core.subset(drawn.heldout, max_heldout, seed, stream=3)
     text_of = dict(zip(rows["item_id"], rows["text"]))
@@ -151,7 +180,18 @@ class _Prompts(LabelScoringEngine):
 
 def examples_for(tokenizer, attribute: Attribute, frame: pd.DataFrame,
                  max_prompt_tokens: int | None) -> list[core.TrainingExample]:
+    """One example per item, or for a multi-label attribute one per item and label: the
+    label's question answered yes or no, as Engine.tag asks it."""
     prompts = _Prompts(tokenizer, "finetune")
+    if attribute.multi:
+        yes_no = attribute.yes_no()
+        encode = prompts.encoder(yes_no)
+        return [core.example(encode, prompts.prompt(yes_no, question), yes_no,
+                             "yes" if lab in chosen else "no", max_prompt_tokens,
+                             tokenizer.bos_token_id)
+                for text, label in zip(frame["text"], frame["label"])
+                for chosen in [set(core.label_set(label))]
+                for question, lab in zip(attribute.questions(text), attribute.labels)]
     encode = prompts.encoder(attribute)
     return [core.example(encode, prompts.prompt(attribute, text), attribute, label,
                          max_prompt_tokens, tokenizer.bos_token_id)
@@ -190,6 +230,28 @@ def freeze_below(model, train_layers: int | None) -> int:
             for p in norm.parameters():
                 p.requires_grad_(True)
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def update_seconds(torch, params: list, grad_clip: float) -> float:
+    """The time of a step's update (gradient clipping, AdamW), which the probe steps leave
+    out: timed on a throwaway AdamW with learning rate 0, whose update leaves the weights
+    exactly as they are (the fastest of three steps: the first allocates the optimizer's
+    state). The
+    gradients are small, not zero: all-zero ones take a slower path (twice the time on
+    SmolLM2) than a real step's."""
+    for p in params:
+        p.grad = torch.full_like(p, 1e-3)
+    throwaway = torch.optim.AdamW(params, lr=0.0, weight_decay=0.0)
+    seconds = math.inf
+    for _ in range(3):
+        started = time.perf_counter()
+        if grad_clip:
+            torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        throwaway.step()
+        seconds = min(seconds, time.perf_counter() - started)
+    for p in params:
+        p.grad = None
+    return seconds
 
 
 def batch_loss(torch, model, chunk: list[core.TrainingExample], pad_id: int, device: str):
@@ -278,10 +340,12 @@ def train(model_path: str, plan_: Plan, hp: Hyper, out: Path) -> dict:
         optimizer.zero_grad(set_to_none=True)
         probe_times.append((time.perf_counter() - started, sum(len(examples[i].ids) for i in b)))
     probe_s, probe_tokens = min(probe_times, key=lambda t: t[0] / max(t[1], 1))
-    estimate = core.estimate_seconds(tokens, probe_tokens, probe_s)
-    log(f"estimate: {len(steps)} steps at about {probe_s / max(probe_tokens, 1) * sum(tokens) / len(steps):.2f} s/step "
+    update_s = update_seconds(torch, params, hp.grad_clip)
+    estimate = core.estimate_seconds(tokens, probe_tokens, probe_s, update_s)
+    log(f"estimate: {len(steps)} steps at about {estimate / len(steps):.2f} s/step "
         f"= {_duration(estimate)} of training (probe step: {probe_s:.2f} s for {probe_tokens} "
-        f"tokens), then saving and scoring the held-out items")
+        f"tokens, then {update_s:.2f} s for the update), then saving and scoring the "
+        "held-out items")
 
     every = max(1, len(steps) // 20)
     losses, window, started, t_window = [], [], time.perf_counter(), time.perf_counter()
@@ -366,6 +430,8 @@ def score(plan_: Plan, engine: dict, truth: pd.DataFrame | None = None,
     from spark_jobs.evaluate import annotate, evaluate
 
     items = plan_.frame(plan_.heldout)
+    if plan_.attribute.multi:
+        return _score_multi(plan_, items, engine, truth, label_map)
     if truth is None:
         truth = pd.DataFrame({"item_id": items["item_id"], "labels": items["label"]})
     table, run = annotate(items[["item_id", "text"]], plan_.attribute, engine, ["text"])
@@ -377,6 +443,30 @@ def score(plan_: Plan, engine: dict, truth: pd.DataFrame | None = None,
             "hit_n": h["n"], "hit_rate": h["hit_rate"], "hit_ece": h["ece"],
             "errors": result["annotation_errors"], "rows_per_second": run["rows_per_second"],
             "per_label": s["per_label"], "confusion_matrix": s["confusion_matrix"]}
+
+
+MULTI_METRICS = ("micro_precision", "micro_recall", "micro_f1", "macro_f1", "jaccard",
+                 "exact_match", "macro_auc", "ece", "brier", "mean_labels", "mean_true_labels")
+
+
+def _score_multi(plan_: Plan, items: pd.DataFrame, engine: dict, truth, label_map) -> dict:
+    """The held-out items' sets and per-label probabilities scored as spark_jobs.evaluate
+    scores them; truth defaults to every labelled item, so the baselines are fitted on the
+    labelled items that are not scored, never on the scored ones."""
+    from spark_jobs.evaluate import annotate, evaluate
+
+    if truth is None:
+        truth = pd.DataFrame({"item_id": plan_.rows["item_id"], "labels": plan_.rows["label"]})
+    table, run = annotate(items[["item_id", "text"]], plan_.attribute, engine, ["text"])
+    result = evaluate(table, truth, plan_.attribute, label_map or {})
+    m, b = result["multi"], result["baselines"]
+    return {"engine": run["model"], "items": len(items), "kind": "multi", "n": m["n"],
+            **{k: m.get(k) for k in MULTI_METRICS},
+            "baselines": {name: {k: b[name].get(k) for k in (*MULTI_METRICS, "labels")}
+                          for name in ("majority", "label_frequency")},
+            "baselines_fitted_on": b["train_items"],
+            "errors": result["annotation_errors"], "rows_per_second": run["rows_per_second"],
+            "per_label": m["per_label"]}
 
 
 # ---------------------------------------------------------------- the command
@@ -401,9 +491,6 @@ def run(spec_path: str, attribute_name: str, labels: pd.DataFrame, items: pd.Dat
     hp = hp or Hyper()
     spec = load_spec(spec_path)
     attribute = spec.attribute(attribute_name)
-    if attribute.multi:
-        raise core.FinetuneError(f"{attribute.name!r} is a multi-label attribute; fine-tuning "
-                                 "trains single-label and ordinal attributes only")
     plan_ = plan(attribute, labels, items, text_columns, holdout, hp.seed, max_train,
                  max_heldout, min_per_label, heldout_ids)
     out = Path(out)
@@ -424,10 +511,10 @@ def run(spec_path: str, attribute_name: str, labels: pd.DataFrame, items: pd.Dat
         "base_model": base_model_info(model, path),
         "spec": {"path": str(spec_path), "name": spec.name, "version": spec.version},
         "attribute": attribute.name, "attribute_version": attribute.version,
-        "labels": list(attribute.labels), "chat": attribute.chat,
+        "kind": attribute.kind, "labels": list(attribute.labels), "chat": attribute.chat,
         "data": {"sha256": plan_.data_hash, "labelled_items": len(plan_.rows),
                  "text_columns": text_columns, **(sources or {}),
-                 "label_counts": plan_.rows["label"].value_counts().sort_index().to_dict()},
+                 "label_counts": _label_counts(plan_)},
         "splits": {**plan_.settings,
                    "train": {"count": len(plan_.train), "pool": plan_.train_pool,
                              "ids_sha256": core.ids_hash(plan_.train),
@@ -435,8 +522,10 @@ def run(spec_path: str, attribute_name: str, labels: pd.DataFrame, items: pd.Dat
                    "heldout": {"count": len(plan_.heldout), "pool": plan_.heldout_pool,
                                "ids_sha256": core.ids_hash(plan_.heldout),
                                "ids": [_plain(i) for i in plan_.heldout]}},
-        "objective": "negative log-likelihood of the human label's tokens after the spec's "
-                     "prompt, tokenised in context as udfs.engines.prompts scores labels",
+        "objective": ("negative log-likelihood of the yes/no answer's tokens after each "
+                      "label's question (Attribute.questions)" if attribute.multi else
+                      "negative log-likelihood of the human label's tokens after the spec's "
+                      "prompt") + ", tokenised in context as udfs.engines.prompts scores labels",
         "hyperparameters": {k: v for k, v in vars(hp).items() if k != "threads"},
         "training": training,
         "heldout_metrics": None,
@@ -452,6 +541,30 @@ def run(spec_path: str, attribute_name: str, labels: pd.DataFrame, items: pd.Dat
                                                        truth, label_map)
         _write_card(out, card)
     return card
+
+
+def _label_counts(plan_: Plan) -> dict:
+    """Items per label (a multi-label attribute: the items whose set holds it)."""
+    if plan_.attribute.multi:
+        sets = [set(core.label_set(v)) for v in plan_.rows["label"]]
+        return {lab: sum(lab in s for s in sets) for lab in plan_.attribute.labels}
+    return plan_.rows["label"].value_counts().sort_index().to_dict()
+
+
+def summary(m: dict | None) -> str:
+    """The closing line's held-out figures."""
+    if not m:
+        return "held-out items not scored (--eval-engine none)"
+    if m.get("kind") == "multi":
+        b = m["baselines"]["majority"]
+        return (f"held-out micro-F1 {m['micro_f1']:.3f} (majority baseline {b['micro_f1']:.3f}), "
+                f"macro-F1 {m['macro_f1']:.3f} ({b['macro_f1']:.3f}), Jaccard "
+                f"{m['jaccard']:.3f} ({b['jaccard']:.3f}), macro AUC "
+                + (f"{m['macro_auc']:.3f}" if m["macro_auc"] is not None else "n/a")
+                + f", ECE {m['ece']:.3f} on {m['n']} items")
+    return (f"held-out strict accuracy {m['strict_accuracy']:.3f} (majority baseline "
+            f"{m['majority_baseline']:.3f}), kappa {m['kappa']:.3f}, ECE "
+            f"{m['strict_ece']:.3f}, hit rate {m['hit_rate']:.3f} on {m['items']} items")
 
 
 def _plain(value):
@@ -523,12 +636,7 @@ def main(argv: list[str] | None = None) -> int:
     except (SpecError, TableError, OSError, ValueError) as exc:
         print(f"finetune: error: {exc}", file=sys.stderr)
         return 2
-    m = card["heldout_metrics"]
-    summary = (f"held-out strict accuracy {m['strict_accuracy']:.3f} (majority baseline "
-               f"{m['majority_baseline']:.3f}), kappa {m['kappa']:.3f}, ECE "
-               f"{m['strict_ece']:.3f}, hit rate {m['hit_rate']:.3f} on {m['items']} items"
-               if m else "held-out items not scored (--eval-engine none)")
-    log(f"wrote {args.out}: {summary}")
+    log(f"wrote {args.out}: {summary(card['heldout_metrics'])}")
     return 0
 
 

@@ -22,7 +22,12 @@ Writes <out>/learning_curve.json and <out>/smollm2-genre-<size>/card.json (the f
 weights are removed unless --keep-models; a kept directory is a model the transformers and
 vllm engines load, e.g. `spark_jobs.demo --llm-model`) and prints a Markdown table.
 --write-inputs writes the same human labels (DIR/human.csv: item_id,label) and item texts
-(DIR/items.parquet: item_id,title,tags) for spark_jobs.finetune, and stops.
+(DIR/items.parquet: item_id,title,tags) for spark_jobs.finetune, and the multi-label genres
+of the same movies (DIR/genres.csv: item_id,labels, "|"-separated in the `genres`
+attribute's order; movies without one of its genres left out) for
+`spark_jobs.finetune --attribute genres`, with DIR/genres_heldout.csv (item_id): those of
+them that `spark_jobs.evaluate --movielens --sample 200 --seed 0` scores, the held-out items
+of docs/QUALITY.md's multi-label table, for --heldout-ids; and stops.
 """
 from __future__ import annotations
 
@@ -38,12 +43,14 @@ import pandas as pd
 
 from spark_jobs import finetune
 from spark_jobs.compare_engines import VARIANTS, example_free_items
-from spark_jobs.evaluate import MOVIELENS_LABEL_MAP, truth_sets
+from spark_jobs.evaluate import (MOVIELENS_LABEL_MAP, movielens_genre_items, movielens_label_map,
+                                 movielens_sample, truth_sets)
 from udfs.spec import load_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 SPEC = ROOT / "specs" / "movielens_genre.yaml"
 TEXT_COLUMNS = ["title", "tags"]
+EVAL_SAMPLE = {"sample": 200, "seed": 0}  # docs/QUALITY.md's multi-label genre draw
 # --baselines: name -> (compare_engines variant, row title); the LLM rows run the report's
 # --model through --eval-engine with the variant's spec and chat setting
 BASELINES = {"minilm": ("minilm", "MiniLM embedding, zero-shot"),
@@ -66,6 +73,16 @@ def human_labels(movies: int) -> tuple[pd.DataFrame, pd.DataFrame]:
                            "label": truth[single].map(lambda s: next(iter(s)))})
     counts = labels["label"].value_counts()
     return items, labels[labels["label"].map(counts) >= 2].reset_index(drop=True)
+
+
+def human_genre_sets(items: pd.DataFrame) -> pd.DataFrame:
+    """item_id, labels: each movie's MovieLens genres that the `genres` attribute has, in its
+    order, "|"-separated; movies with none of them (no genre listed, IMAX only) left out."""
+    attribute = load_spec(SPEC).attribute("genres")
+    sets = truth_sets(items["genres"], attribute.labels, movielens_label_map(attribute))
+    joined = sets.map(lambda s: "|".join(lab for lab in attribute.labels if lab in s))
+    keep = joined != ""
+    return pd.DataFrame({"item_id": items["item_id"][keep], "labels": joined[keep]})
 
 
 def parse_sizes(value: str) -> list[int | None]:
@@ -130,11 +147,18 @@ def markdown(rows: list[dict], majority: float) -> str:
 
 def write_inputs(out: Path, movies: int) -> None:
     items, labels = human_labels(movies)
+    genres = human_genre_sets(items)
     out.mkdir(parents=True, exist_ok=True)
     labels.to_csv(out / "human.csv", index=False)
+    genres.to_csv(out / "genres.csv", index=False)
+    drawn = movielens_sample(movielens_genre_items(), None, **EVAL_SAMPLE)["item_id"]
+    heldout = genres[genres["item_id"].isin(set(drawn))][["item_id"]]
+    heldout.to_csv(out / "genres_heldout.csv", index=False)
     items[["item_id", *TEXT_COLUMNS]].to_parquet(out / "items.parquet", index=False)
     print(f"[report] wrote {out / 'human.csv'} ({len(labels)} single-genre movies among the "
-          f"first {movies}) and {out / 'items.parquet'} ({len(items)} movies)")
+          f"first {movies}), {out / 'genres.csv'} ({len(genres)} movies' genre sets; "
+          f"{out / 'genres_heldout.csv'}: {len(heldout)} of them), and "
+          f"{out / 'items.parquet'} ({len(items)} movies)")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -159,8 +183,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", default=str(ROOT / "artifacts" / "quality" / "finetune"))
     p.add_argument("--keep-models", action="store_true")
     p.add_argument("--write-inputs", default=None, metavar="DIR",
-                   help="write DIR/human.csv and DIR/items.parquet for spark_jobs.finetune; "
-                        "nothing else")
+                   help="write DIR/human.csv, DIR/genres.csv and DIR/items.parquet for "
+                        "spark_jobs.finetune; nothing else")
     p.add_argument("--verbose", action="store_true")
     return p.parse_args(argv)
 

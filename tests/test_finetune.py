@@ -27,6 +27,7 @@ from udfs.spec import load_spec
 
 SPEC = ROOT / "specs" / "movielens_genre.yaml"
 GENRE = load_spec(SPEC).attribute("genre")
+GENRES = load_spec(SPEC).attribute("genres")  # multi-label, all 18 MovieLens genres
 
 
 @pytest.fixture(scope="module")
@@ -130,6 +131,20 @@ def test_a_training_example_is_what_the_engines_score(tiny):
         assert float(pair) == pytest.approx((float(loss) + float(alone)) / 2, abs=1e-4)
     finally:
         engine.close()
+
+
+def test_the_estimate_times_the_update_without_changing_a_weight(tiny):
+    """The update (clipping, AdamW) is timed on a throwaway optimizer whose step leaves every
+    weight bit for bit as it was, and is added once per step to the estimate."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(str(tiny), dtype=torch.float32)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    params = [p for p in model.parameters() if p.requires_grad]
+    seconds = finetune.update_seconds(torch, params, grad_clip=1.0)
+    assert seconds > 0 and all(p.grad is None for p in params)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert core.estimate_seconds([100, 300], 100, 1.0, 0.5) == pytest.approx(4.0 + 2 * 0.5)
 
 
 # ------------------------------------------------------------------ one run, end to end
@@ -287,6 +302,172 @@ def test_every_problem_is_listed_one_per_line():
         "held-out split overlaps training: item ids 2 are in both"]
 
 
+# ------------------------------------------------------------------ multi-label attributes
+
+@pytest.fixture(scope="module")
+def genre_sets(tmp_path_factory) -> dict:
+    """The first 400 MovieLens movies' genre sets (every one of the 18 labels on 2 or more)."""
+    from spark_jobs.finetune_report import human_genre_sets
+    base = tmp_path_factory.mktemp("ft_multi_data")
+    items = movielens_genre_items(limit=400)
+    labels = human_genre_sets(items)
+    items.to_parquet(base / "items.parquet", index=False)
+    labels.to_csv(base / "genres.csv", index=False)
+    return {"items": items, "labels": labels, "items_path": str(base / "items.parquet"),
+            "labels_path": str(base / "genres.csv")}
+
+
+def multi_args(data, out, model, *extra) -> list[str]:
+    return ["--spec", str(SPEC), "--attribute", "genres", "--labels", data["labels_path"],
+            "--items", data["items_path"], "--text-columns", "title,tags", "--out", str(out),
+            "--model", str(model), *extra]
+
+
+@pytest.fixture(scope="module")
+def trained_multi(tiny, genre_sets, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ft_multi_run") / "model"
+    seen: list[pd.DataFrame] = []
+    real = finetune.examples_for
+    patch = pytest.MonkeyPatch()
+    patch.setattr(finetune, "examples_for",
+                  lambda tok, attr, frame, n: (seen.append(frame.copy()), real(tok, attr, frame, n))[1])
+    try:
+        code = finetune.main(multi_args(genre_sets, out, tiny, "--max-train", "24",
+                                        "--max-heldout", "12", "--batch-size", "8",
+                                        "--epochs", "2", "--lr", "3e-3", "--precision",
+                                        "float32", "--seed", "7"))
+    finally:
+        patch.undo()
+    assert code == 0
+    return {"out": out, "card": json.loads((out / "card.json").read_text()), "seen": seen}
+
+
+def test_multi_label_examples_are_the_yes_no_answers_engine_tag_scores(tiny):
+    """One example per item and label: the label's question (Attribute.questions) then yes
+    when the label is the item's, no otherwise; its loss is minus the engine's score."""
+    import torch
+    engine = TransformersEngine(str(tiny), dtype="float32")
+    try:
+        frame = pd.DataFrame({"text": ["Heat (1995) Tags: heist", "Up (2009)"],
+                              "label": ["Action|Crime|Thriller", "Animation"]})
+        examples = finetune.examples_for(engine.tokenizer, GENRES, frame, 512)
+        assert len(examples) == 2 * len(GENRES.labels)
+        yes_no = GENRES.yes_no()
+        for k, (text, chosen) in enumerate([(t, set(lab.split("|"))) for t, lab in
+                                            zip(frame["text"], frame["label"])]):
+            questions = GENRES.questions(text)
+            scores = engine.label_loglik(questions, yes_no)  # [labels, (yes, no)]
+            for j, lab in enumerate(GENRES.labels):
+                ex = examples[k * len(GENRES.labels) + j]
+                answer = 0 if lab in chosen else 1
+                context, conts = label_continuations(engine.encoder(yes_no),
+                                                     engine.prompt(yes_no, questions[j]),
+                                                     yes_no.labels)
+                assert ex.ids == tuple(context) + tuple(conts[answer])
+                with torch.no_grad():
+                    loss = finetune.batch_loss(torch, engine.model, [ex],
+                                               engine.tokenizer.pad_token_id, "cpu")
+                assert float(loss) == pytest.approx(-scores[j, answer], abs=1e-4)
+    finally:
+        engine.close()
+
+
+def test_a_multi_label_split_holds_out_every_label(genre_sets):
+    plan = finetune.plan(GENRES, genre_sets["labels"], genre_sets["items"], ["title", "tags"],
+                         seed=3)
+    sets = plan.rows.set_index("item_id")["label"].map(lambda v: set(v.split("|")))
+    held = set().union(*sets.loc[list(plan.heldout)])
+    assert held == set(GENRES.labels)  # Film-Noir, on 3 of the 400, too
+    assert not set(plan.train) & set(plan.heldout)
+    assert len(plan.train) + len(plan.heldout) == len(genre_sets["labels"])
+    # stored in spec order, whatever order the table gave
+    shuffled = genre_sets["labels"].assign(labels=genre_sets["labels"]["labels"].map(
+        lambda v: "|".join(reversed(v.split("|")))))
+    again = finetune.plan(GENRES, shuffled, genre_sets["items"], ["title", "tags"], seed=3)
+    assert again.rows["label"].tolist() == plan.rows["label"].tolist()
+    assert (again.train, again.heldout, again.data_hash) == (plan.train, plan.heldout,
+                                                             plan.data_hash)
+
+
+def test_a_multi_label_run_never_trains_on_held_out_items(trained_multi, genre_sets):
+    card, seen = trained_multi["card"], trained_multi["seen"]
+    train, held = card["splits"]["train"], card["splits"]["heldout"]
+    assert (train["count"], held["count"]) == (24, 12)
+    assert not set(train["ids"]) & set(held["ids"])
+    assert set().union(*(set(f["item_id"]) for f in seen)) == set(train["ids"])
+    texts = finetune.plan(GENRES, genre_sets["labels"], genre_sets["items"],
+                          ["title", "tags"]).rows.set_index("item_id")["text"]
+    assert not set().union(*(set(f["text"]) for f in seen)) & set(texts.loc[held["ids"]])
+    assert card["kind"] == "multi" and card["attribute"] == "genres"
+    assert card["attribute_version"] == GENRES.version and "yes/no" in card["objective"]
+    assert card["data"]["label_counts"]["Drama"] == int(
+        genre_sets["labels"]["labels"].str.split("|").map(lambda s: "Drama" in s).sum())
+    t = card["training"]
+    assert t["examples"] == 24 * len(GENRES.labels)
+    assert t["steps"] == 2 * -(-24 * len(GENRES.labels) // 8)
+    m = card["heldout_metrics"]
+    assert m["kind"] == "multi" and m["n"] == 12 and m["errors"] == 0
+    assert 0 <= m["micro_f1"] <= 1 and 0 <= m["ece"] <= 1
+    # the baselines are fitted on every labelled item but the scored ones
+    assert m["baselines_fitted_on"] == len(genre_sets["labels"]) - 12
+    assert m["baselines"]["majority"]["labels"] == ["Drama"]
+
+
+def test_the_engines_load_what_a_multi_label_run_learned(trained_multi, tiny, genre_sets):
+    """Engine.tag on the saved model gives the training items' true answers (yes for their
+    labels, no for the others) a higher likelihood than the base model does."""
+    from spark_jobs.annotate import tuned_model_notes
+    card = trained_multi["card"]
+    rows = finetune.plan(GENRES, genre_sets["labels"], genre_sets["items"],
+                         ["title", "tags"]).frame(card["splits"]["train"]["ids"])
+    truth = np.array([[lab in v.split("|") for lab in GENRES.labels] for v in rows["label"]])
+
+    def mean_true_loglik(model) -> float:
+        engine = TransformersEngine(str(model), dtype="float32")
+        try:
+            p = engine.tag(rows["text"].tolist(), GENRES)
+        finally:
+            engine.close()
+        return float(np.log(np.where(truth, p, 1 - p)).mean())
+
+    assert mean_true_loglik(trained_multi["out"]) > mean_true_loglik(tiny) + 0.2
+    engine = {"type": "transformers", "model": str(trained_multi["out"])}
+    assert tuned_model_notes(load_spec(SPEC).restricted(["genres"]), [engine]) == []
+    (note,) = tuned_model_notes(load_spec(SPEC), [engine])
+    assert note == "model was fine-tuned on genres only; it answers genre (and any caption) untrained"
+
+
+@pytest.mark.parametrize("case, message", [
+    ("outside", "labels outside the spec's label set for 'genres': 'Cartoon'"),
+    ("few", "too few items per label (at least 2 each, to train on and to hold out): "
+            "Film-Noir 1"),
+    ("common", "too few items without a label (at least 2 each): Drama 0"),
+    ("column", "the labels table needs item_id and a 'labels' (or 'genres_labels') column"),
+])
+def test_bad_multi_label_input_is_refused_before_training(case, message, genre_sets, tmp_path,
+                                                          capsys):
+    labels = genre_sets["labels"].copy()
+    split = labels["labels"].str.split("|")
+    if case == "outside":
+        labels.iloc[0, 1] += "|Cartoon"
+    elif case == "few":
+        noir = split.map(lambda s: "Film-Noir" in s)
+        first = noir.idxmax()
+        labels["labels"] = [v if i == first else "|".join(x for x in s if x != "Film-Noir")
+                            for i, (v, s) in enumerate(zip(labels["labels"], split))]
+        labels = labels[labels["labels"] != ""]
+    elif case == "common":
+        labels["labels"] = split.map(lambda s: "|".join(sorted(set(s) | {"Drama"})))
+    elif case == "column":
+        labels = labels.rename(columns={"labels": "genre_set"})
+    labels.to_csv(tmp_path / "genres.csv", index=False)
+    bad = {**genre_sets, "labels_path": str(tmp_path / "genres.csv")}
+    assert finetune.main(multi_args(bad, tmp_path / "out", tmp_path / "no-model")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("finetune: error: ") and message in err[0], err
+    assert not (tmp_path / "out").exists()
+
+
 # ------------------------------------------------------------------ the report and the demo
 
 def test_the_report_scores_every_row_on_the_same_held_out_items(tiny, tmp_path, capsys):
@@ -348,6 +529,14 @@ def test_the_readme_inputs_train_as_written(tiny, tmp_path):
     items = pd.read_parquet(tmp_path / "in" / "items.parquet")
     assert list(labels.columns) == ["item_id", "label"] and set(labels["label"]) <= set(GENRE.labels)
     assert list(items.columns) == ["item_id", "title", "tags"] and len(items) > len(labels)
+    genres = pd.read_csv(tmp_path / "in" / "genres.csv")
+    assert list(genres.columns) == ["item_id", "labels"] and set(genres["item_id"]) <= set(items["item_id"])
+    assert set("|".join(genres["labels"]).split("|")) <= set(GENRES.labels)
+    # the held-out file: those of them spark_jobs.evaluate --movielens --sample 200 --seed 0 scores
+    from spark_jobs.evaluate import movielens_sample
+    drawn = movielens_sample(movielens_genre_items(), None, 200, 0)["item_id"]
+    held = pd.read_csv(tmp_path / "in" / "genres_heldout.csv")
+    assert set(held["item_id"]) == set(drawn) & set(genres["item_id"])
     assert finetune.main(["--spec", str(SPEC), "--attribute", "genre",
                           "--labels", str(tmp_path / "in" / "human.csv"),
                           "--items", str(tmp_path / "in" / "items.parquet"),
