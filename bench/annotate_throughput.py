@@ -2,6 +2,7 @@
 predict_batch_udf, all on the same rows, model and machine, in one run.
 
     .venv/bin/python bench/annotate_throughput.py [--rows 4000] [--skip-incremental]
+        [--text leads|titles]
 
 (a) raw:     the embedding engine in this process over all rows, in batches, on each backend:
     torch (sentence-transformers), ONNX Runtime fp32, ONNX Runtime int8
@@ -14,6 +15,10 @@ gets answers for free. Before them, the agreement of each ONNX variant with torc
 rows: embedding cosine, and identical labels for every attribute and identical captions (the
 top-k descriptors, in order). Then the incremental job (unchanged re-run, 5% changed) and the
 peak RSS of the driver (Python + JVM) and of each Python worker during (c).
+
+--text: the demo's item text, the title and the movie's Wikipedia lead (`leads`, the default;
+the titles alone where a movie has none), or the titles alone (`titles`), on the same movies;
+the MiniLM word pieces per second beside the rows per second say what the longer texts cost.
 """
 from __future__ import annotations
 
@@ -34,6 +39,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
 
 from bench.peak_rss import RssSampler  # noqa: E402
+from spark_jobs import movielens  # noqa: E402
 from spark_jobs.movielens import load_items  # noqa: E402
 from udfs.spec import load_spec  # noqa: E402
 
@@ -73,6 +79,13 @@ def agreement(texts: list[str], spec) -> dict:
                         **{k: float(np.mean([x == y for x, y in zip(v, ref[1][k])]))
                            for k, v in parts.items()}}
     return out
+
+
+def word_pieces(texts: list[str]) -> int:
+    """The word pieces MiniLM reads of `texts` (at most its max_seq_length each)."""
+    from udfs.engines import build_engine
+    tokenizer = build_engine(ENGINE).encoder.tokenizer  # the ONNX encoder's: truncates
+    return sum(len(e.ids) for e in tokenizer.encode_batch(texts))
 
 
 def raw_engine(texts: list[str], attribute, batch: int, options: dict | None = None) -> float:
@@ -149,15 +162,21 @@ def main(argv=None) -> int:
     p.add_argument("--rows", type=int, default=4000)
     p.add_argument("--batch", type=int, default=1024, help="rows per engine call / Arrow batch")
     p.add_argument("--skip-incremental", action="store_true")
+    p.add_argument("--text", choices=["leads", "titles"], default="leads",
+                   help="title + Wikipedia lead (the demo's text), or titles alone")
     args = p.parse_args(argv)
 
     from spark_jobs.session import get_spark
     spec = load_spec(ROOT / "specs" / "movielens.yaml")
     attribute = next(iter(spec.attributes.values()))
-    items = load_items().head(args.rows).reset_index(drop=True)
+    items = load_items(leads=None if args.text == "titles" else movielens.LEADS)
+    items = items.head(args.rows).reset_index(drop=True)
     from udfs.annotator import clean_columns
     texts = clean_columns([items["title"], items["description"]]).tolist()
-    print(f"rows: {len(texts)}, cores: {os.cpu_count()}, master: {MASTER}, batch: {args.batch}")
+    pieces = word_pieces(texts)
+    print(f"rows: {len(texts)} ({args.text}: {int(items['description'].notna().sum())} with a "
+          f"lead; {pieces / len(texts):.1f} MiniLM word pieces per row), cores: "
+          f"{os.cpu_count()}, master: {MASTER}, batch: {args.batch}")
 
     print("agreement with torch on these rows (share of rows with the same label / caption):")
     for variant, agree in agreement(texts, spec).items():
@@ -168,7 +187,7 @@ def main(argv=None) -> int:
            for variant, options in BACKENDS.items()}
     for variant, rate in raw.items():
         print(f"(a) raw engine, one process, {variant:<10} {rate:8.1f} rows/s  "
-              f"({rate / raw['torch']:.2f}x torch)")
+              f"{rate * pieces / len(texts):9.0f} word pieces/s  ({rate / raw['torch']:.2f}x torch)")
     a = raw["torch"]
     from udfs.engines import model_name
     print(f"default engine: {model_name(ENGINE)}")
@@ -181,7 +200,8 @@ def main(argv=None) -> int:
     # (c) first: Python workers are reused, so its RSS is measured before (b) loads torch
     with RssSampler() as rss:
         c_cold, c_warm = annofeat_sql(spark, df, spec, attribute)
-    print(f"(c) annofeat annotate() cold {c_cold:8.1f}  warm {c_warm:8.1f} rows/s")
+    print(f"(c) annofeat annotate() cold {c_cold:8.1f}  warm {c_warm:8.1f} rows/s  "
+          f"({c_warm * pieces / len(texts):.0f} word pieces/s warm)")
     b_cold, b_warm = predict_batch(spark, df, attribute, args.batch)
     print(f"(b) predict_batch_udf  cold {b_cold:8.1f}  warm {b_warm:8.1f} rows/s")
     # The same on the data as one Parquet file reads: one partition, so one Python worker.

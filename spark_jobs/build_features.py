@@ -6,8 +6,16 @@ ratings yet"). Feast's as-of join at an interaction's own
 timestamp T picks the newest row stamped <= T, which covers ratings strictly before T: an
 interaction never sees itself (or anything rated in the same second).
 
+The user's label shares count each rating with the label its item had at the rating's time
+(the annotation table's history, as of the rating), so a later re-annotation never leaks
+into earlier shares.
+
     python -m spark_jobs.build_features --ratings data/movielens/ratings.csv \
         --annotations feature_repo/data/item_annotations --out feature_repo/data
+
+The annotation table is first checked as the expectations gate checks it (the same suites as
+`python -m spark_jobs.validate --spec S --table T`); a table the gate refuses is not used
+(exit 2) unless --skip-gate-check says so, loudly.
 
 pandas rather than Spark: a grouped cumulative sum over ~10^5 ratings takes well under a
 second in pandas, and the tables are small enough to write as single Parquet files.
@@ -15,8 +23,11 @@ second in pandas, and the tables are small enough to write as single Parquet fil
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import shlex
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +36,7 @@ import pandas as pd
 from udfs import schema as S
 from udfs.schema import share_column
 from udfs.spec import SpecError, load_spec
-from udfs.table import TableError, read_latest
+from udfs.table import TableError, read_history
 
 
 def read_ratings(path: str | Path) -> pd.DataFrame:
@@ -40,25 +51,49 @@ def read_ratings(path: str | Path) -> pd.DataFrame:
                          "ts": r["timestamp"].astype("int64")})
 
 
-def latest_labels(annotations: pd.DataFrame, attribute: str, multi: bool = False) -> pd.Series:
-    """item_id -> the label of the item's newest annotation row (None where it failed); for
-    a multi-label attribute (`multi`) its chosen labels (a list or array; None where it
-    failed)."""
-    order = [c for c in ("event_timestamp", "created_timestamp") if c in annotations.columns]
-    newest = annotations.sort_values(order, kind="stable").drop_duplicates("item_id", keep="last")
-    return newest.set_index("item_id")[S.labels(attribute) if multi else S.label(attribute)]
+def valid_rows(ratings: pd.DataFrame, history: pd.DataFrame) -> np.ndarray:
+    """Per rating, the position in `history` (the annotation table's every row) of the row
+    valid at the rating's time, -1 where the item has none yet (or none at all).
+
+    The row valid at time T is the item's newest by (event_timestamp, created_timestamp)
+    with event_timestamp <= T, Feast's as-of rule. Ratings are whole seconds, so a row
+    stamped exactly at a rating's second counts for it, one stamped later in that second
+    (12:00:00.4 for a rating at 12:00:00) does not.
+    """
+    stamped = history["event_timestamp"].notna().to_numpy()  # a row without one: never valid
+    order = [c for c in ("event_timestamp", "created_timestamp") if c in history.columns]
+    rows = history.loc[stamped, ["item_id", *order]].assign(row=np.flatnonzero(stamped))
+    rows = rows.sort_values(order, kind="stable")  # merge_asof takes the last of equal times
+    # event_timestamp <= ts (whole seconds) <=> ceil(event_timestamp) <= ts
+    since = pd.to_datetime(rows["event_timestamp"], utc=True).dt.ceil("s")
+    rows["ts"] = (since - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(seconds=1)
+    left = pd.DataFrame({"item_id": ratings["item_id"].to_numpy(),
+                         "ts": ratings["ts"].to_numpy(), "at": np.arange(len(ratings))})
+    joined = pd.merge_asof(left.sort_values("ts", kind="stable"), rows[["item_id", "ts", "row"]],
+                           on="ts", by="item_id", direction="backward")
+    out = np.full(len(ratings), -1, dtype=np.int64)
+    out[joined["at"].to_numpy()] = joined["row"].fillna(-1).to_numpy(np.int64)
+    return out
 
 
-def carries(labels: pd.Series, label: str) -> pd.Series:
-    """Per item: 1 when the item's label is `label` or, for a multi-label attribute, its
-    chosen labels include it; 0 otherwise (no annotation, another label, a malformed value)."""
-    def has(value) -> bool:
-        if isinstance(value, str):
-            return value == label
-        if isinstance(value, (list, tuple, np.ndarray)):
-            return any(isinstance(v, str) and v == label for v in value)
-        return False
-    return pd.Series([int(has(v)) for v in labels], index=labels.index, dtype="int64")
+def annotations_at(ratings: pd.DataFrame, history: pd.DataFrame,
+                   columns: list[str]) -> pd.DataFrame:
+    """Per rating (aligned with `ratings`), `columns` of its item's annotation row valid at
+    the rating's time (valid_rows); None where no row was valid yet."""
+    rows = valid_rows(ratings, history)
+    return pd.DataFrame({c: np.append(history[c].to_numpy(dtype=object), None)[rows]
+                         for c in columns}, index=ratings.index)  # position -1: the None
+
+
+def carries(labels: pd.Series, label_set: tuple[str, ...]) -> pd.DataFrame:
+    """Per row (aligned with `labels`) and label of `label_set`: 1 when the row's label is
+    that label or, for a multi-label attribute, its chosen labels include it; 0 otherwise
+    (no annotation, another label, a malformed value)."""
+    each = pd.Series(labels.to_numpy(dtype=object)).explode()  # a set: one row per label
+    rows = each.index.to_numpy()  # 0..n-1 in order, each once or more: reduce per run
+    starts = np.flatnonzero(np.diff(rows, prepend=-1))
+    return pd.DataFrame({lab: np.logical_or.reduceat(each.eq(lab).to_numpy(), starts)
+                         .astype(np.int64) for lab in label_set}, index=labels.index)
 
 
 def _running(df: pd.DataFrame, key: str, values: list[str]) -> pd.DataFrame:
@@ -88,18 +123,16 @@ def item_stats(ratings: pd.DataFrame) -> pd.DataFrame:
 def user_stats(ratings: pd.DataFrame, labels: dict[str, pd.Series],
                label_sets: dict[str, tuple[str, ...]]) -> pd.DataFrame:
     """Counts, mean rating and, per attribute and label, the share of past ratings on items
-    with that label (`labels`: attribute -> item_id -> label, or for a multi-label attribute
-    item_id -> its chosen labels, latest_labels(multi=True); an item carrying several
-    labels counts towards each, so a multi-label attribute's shares need not sum to 1).
+    with that label (`labels`: attribute -> each rating's label as of the rating, aligned
+    with `ratings`, annotations_at; for a multi-label attribute the chosen labels: an item
+    carrying several labels counts towards each, so its shares need not sum to 1).
 
-    Items without a label (unannotated, or the annotation failed) count in the denominator.
+    Ratings without a label (no annotation valid yet, or it failed) count in the denominator.
     """
     onehot = {}
     for attribute, label_set in label_sets.items():
-        per_item = labels[attribute]
-        for lab in label_set:
-            onehot[share_column(attribute, lab)] = ratings["item_id"].map(
-                carries(per_item, lab)).fillna(0).astype("int64")
+        flags = carries(labels[attribute], label_set)
+        onehot.update({share_column(attribute, lab): flags[lab] for lab in label_set})
     cum = _running(ratings.assign(n=1, **onehot), "user_id", ["n", "rating", *onehot])
     out = pd.DataFrame({"user_id": cum["user_id"], "event_timestamp": cum["event_timestamp"],
                         "user_n_ratings": cum["n"].astype("int64"),
@@ -116,6 +149,63 @@ def write_table(df: pd.DataFrame, path: Path) -> None:
     df.to_parquet(path / "part-00000.parquet", index=False)
 
 
+def label_column(attribute) -> str:
+    """The annotation column behind an attribute's shares: its label, or its chosen labels."""
+    return S.labels(attribute.name) if attribute.multi else S.label(attribute.name)
+
+
+def gate_failures(validate_argv: list[str]) -> list[str]:
+    """The expectations the gate refuses the annotation table on ([] when it passes), checked
+    exactly as `python -m spark_jobs.validate <validate_argv>` checks it (the same spec,
+    suites, thresholds and drift reference, the rows read the same way) but leaving no
+    report or quarantine behind: that command writes those."""
+    from spark_jobs import validate
+
+    args = validate.parse_args(validate_argv)
+    gate, _ = validate.build_gate(args)
+    view = gate.annotations_view
+    if args.table is not None:
+        table, key = validate.read_table(args.table, gate.spec, view, view)
+    else:
+        table, key = validate.offline_rows(args.repo, args.config, view)
+    if key != gate.key:
+        gate, _ = validate.build_gate(args, key=key)
+    with tempfile.TemporaryDirectory() as scratch:
+        gate = dataclasses.replace(gate, report_dir=Path(scratch) / "reports",
+                                   quarantine_dir=Path(scratch) / "quarantine")
+        result = gate.check(view, table)
+    return list(dict.fromkeys(f"{c.expectation}({c.column})" if c.column else c.expectation
+                              for c in result.failures))
+
+
+def gate_allows(job: str, validate_argv: list, skip: bool) -> bool:
+    """Whether `job` may use the annotation table: the gate passes it (gate_failures), or the
+    user skipped the check (said loudly on stderr). Otherwise one line on stderr says which
+    expectations failed and where the report is."""
+    validate_argv = [str(a) for a in validate_argv]
+    command = "python -m spark_jobs.validate " + shlex.join(validate_argv)
+    if skip:
+        print(f"{job}: WARNING: --skip-gate-check: the annotation table was NOT checked by the "
+              f"expectations gate and may hold rows it refuses (check: {command})",
+              file=sys.stderr)
+        return True
+    from pydantic import ValidationError
+
+    from expectations.suites import SuiteError
+    from spark_jobs.validate import ConfigError
+
+    try:
+        failures = gate_failures(validate_argv)
+    except (SpecError, SuiteError, TableError, ValidationError, ConfigError) as exc:
+        print(f"{job}: error: cannot check the annotation table as the gate does: {exc} "
+              "(--skip-gate-check goes on without the check)", file=sys.stderr)
+        return False
+    if failures:
+        print(f"{job}: error: the expectations gate refuses the annotation table "
+              f"({', '.join(failures)}); the report: {command}", file=sys.stderr)
+    return not failures
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--ratings", required=True, help="MovieLens-style ratings.csv")
@@ -125,6 +215,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--spec", default="specs/movielens.yaml")
     p.add_argument("--attributes", default=None,
                    help="comma-separated attributes behind the user shares (default: all)")
+    p.add_argument("--skip-gate-check", action="store_true",
+                   help="use the annotation table without checking it as the expectations "
+                        "gate does (a warning says so)")
     p.add_argument("--verbose", action="store_true", help="show the libraries' own logging")
     args = p.parse_args(argv)
     from spark_jobs.session import quiet
@@ -134,22 +227,29 @@ def main(argv: list[str] | None = None) -> int:
         names = ([a.strip() for a in args.attributes.split(",") if a.strip()]
                  if args.attributes else list(spec.attributes))
         attributes = [spec.attribute(n) for n in names]
-        annotations, key = read_latest(args.annotations, spec)
+        history, key = read_history(args.annotations, spec)
+        if "event_timestamp" not in history.columns:
+            raise TableError(f"{args.annotations} has no event_timestamp: when each label "
+                             "was valid is unknown")
     except (SpecError, TableError) as exc:
         print(f"build_features: error: {exc} (run spark_jobs.annotate first?)", file=sys.stderr)
         return 2
+    if not gate_allows("build_features", ["--spec", args.spec, "--table", args.annotations],
+                       args.skip_gate_check):
+        return 2
     ratings = read_ratings(args.ratings)
-    annotations = annotations.rename(columns={key: "item_id"})  # the ratings' name for it
-    labels = {a.name: latest_labels(annotations, a.name, a.multi) for a in attributes}
+    history = history.rename(columns={key: "item_id"})  # the ratings' name for it
+    columns = annotations_at(ratings, history, [label_column(a) for a in attributes])
+    labels = {a.name: columns[label_column(a)] for a in attributes}
     out = Path(args.out)
     items = item_stats(ratings)
     users = user_stats(ratings, labels, {a.name: a.labels for a in attributes})
     write_table(items, out / "item_stats")
     write_table(users, out / "user_stats")
     first = attributes[0].name if attributes else None
-    share = ratings["item_id"].map(labels[first]).notna().mean() if first else 0.0
+    share = labels[first].notna().mean() if first else 0.0
     print(f"item_stats: {len(items)} rows; user_stats: {len(users)} rows "
-          f"({share:.1%} of ratings on items labelled by {first!r})")
+          f"({share:.1%} of ratings on items labelled by {first!r} at the time)")
     return 0
 
 

@@ -5,8 +5,9 @@
                     smollm2-vllm-chat,smollm2-vllm-fewshot-chat]
         [--distill-head 600] [--distill-from smollm2-vllm]
 
-Each variant annotates the first --limit movies (title + user tags, never the genres) with
-one engine and spec, and is scored against the human genres exactly as spark_jobs.evaluate
+Each variant annotates the same movies (the first --limit; with --lead-only, the default,
+the first --limit of those with a Wikipedia lead) from the same text (--text-columns, default
+title + description = the lead; never the genres) with one engine and spec, and is scored against the human genres exactly as spark_jobs.evaluate
 scores (strict accuracy, macro-F1, kappa and ECE on single-genre movies; hit rate on all;
 the strict majority baseline). SmolLM2 runs in float32 under both vLLM and transformers, so
 the two can be compared number for number (the report gives their label agreement and the
@@ -46,6 +47,7 @@ ROOT = Path(__file__).resolve().parent.parent
 GENRE = ROOT / "specs" / "movielens_genre.yaml"
 FEWSHOT = ROOT / "specs" / "movielens_genre_fewshot.yaml"
 SMOLLM2 = "smollm2-135m-instruct"
+TEXT_COLUMNS = ["title", "description"]  # description: the Wikipedia lead, or null
 # float32 in both engines: the same numbers, so their agreement is a check, not a hope
 VLLM = {"type": "vllm", "model": SMOLLM2, "max_model_len": 2048, "seed": 0,
         "gpu_memory_utilization": 0.5, "engine_args": {"dtype": "float32"}}
@@ -65,13 +67,19 @@ VARIANTS = {
 }
 
 
-def example_free_items(limit: int) -> tuple[pd.DataFrame, int]:
-    """The first `limit` movies less any whose text a few-shot prompt shows."""
-    items = movielens_genre_items(limit=limit)
+def example_free_items(limit: int, text_columns: list[str] = TEXT_COLUMNS,
+                       lead_only: bool = False) -> tuple[pd.DataFrame, int]:
+    """The first `limit` movies (of those with a lead, `lead_only`) less any whose text or
+    title a few-shot prompt shows."""
+    items = movielens_genre_items()
+    if lead_only:
+        items = items[items["has_lead"]]
+    items = items.head(limit).reset_index(drop=True)
     shown = {e.text for path in (GENRE, FEWSHOT) for a in load_spec(path).attributes.values()
              for e in a.examples}
-    texts = clean_columns([items["title"], items["tags"]])
-    keep = ~texts.isin(shown).to_numpy()
+    texts = clean_columns([items[c] for c in text_columns])
+    titles = {t.split(")")[0] + ")" for t in shown if ")" in t}
+    keep = ~(texts.isin(shown) | items["title"].isin(titles)).to_numpy()
     return items[keep].reset_index(drop=True), int((~keep).sum())
 
 
@@ -95,7 +103,8 @@ def agreement(a: pd.DataFrame, b: pd.DataFrame, attribute: str) -> dict:
 
 
 def distil_head(items: pd.DataFrame, truth: pd.DataFrame, teacher: pd.DataFrame, head: int,
-                out: Path, teacher_engine: dict, teacher_title: str) -> dict:
+                out: Path, teacher_engine: dict, teacher_title: str,
+                text_columns: list[str] = TEXT_COLUMNS) -> dict:
     """The teacher's labels of the `head` most popular items train a student that labels
     the tail; both scored on the tail against human labels, and against each other."""
     spec = load_spec(GENRE)
@@ -107,11 +116,11 @@ def distil_head(items: pd.DataFrame, truth: pd.DataFrame, teacher: pd.DataFrame,
     if tail.empty:
         raise ValueError(f"--distill-head {head} leaves no tail among {len(items)} movies")
     rows = distill.teacher_rows(teacher[teacher["item_id"].isin(head_ids)], items, "genre",
-                                ["title", "tags"])
+                                text_columns)
     card = distill.run(attribute, spec.version, rows, out / "student", teacher_engine)
     student_table, run = annotate(tail, attribute,
                                   {"type": "student", "path": str(out / "student")},
-                                  ["title", "tags"])
+                                  text_columns)
     tail_teacher = teacher[teacher["item_id"].isin(set(tail["item_id"]))]
     scored = {}
     for name, table in (("teacher", tail_teacher), ("student", student_table)):
@@ -169,6 +178,10 @@ def main(argv: list[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(prog="compare_engines", description=__doc__.split("\n\n")[0])
     p.add_argument("--limit", type=int, default=1000, help="the first N movies")
+    p.add_argument("--text-columns", default=",".join(TEXT_COLUMNS),
+                   help="item text: title, description (the Wikipedia lead), tags")
+    p.add_argument("--lead-only", action=argparse.BooleanOptionalAction, default=True,
+                   help="only movies with a Wikipedia lead (default; --no-lead-only: all)")
     p.add_argument("--distill-head", type=int, default=600,
                    help="the teacher labels this many most popular movies, a student "
                         "distilled from them labels the rest (0: no distillation)")
@@ -192,7 +205,8 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     out = Path(args.out)
-    items, dropped = example_free_items(args.limit)
+    text_columns = [c.strip() for c in args.text_columns.split(",") if c.strip()]
+    items, dropped = example_free_items(args.limit, text_columns, args.lead_only)
     truth = pd.DataFrame({"item_id": items["item_id"], "labels": items["genres"]})
     print(f"[compare] {len(items)} movies ({dropped} shown as few-shot examples dropped)",
           flush=True)
@@ -201,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         title, spec_path, engine, chat = VARIANTS[name]
         attribute = dataclasses.replace(load_spec(spec_path).attribute("genre"), chat=chat)
         print(f"[compare] {name}: {title} ...", flush=True)
-        table, run = annotate(items, attribute, engine, ["title", "tags"])
+        table, run = annotate(items, attribute, engine, text_columns)
         result = evaluate(table, truth, attribute, MOVIELENS_LABEL_MAP)
         result.update(attribute="genre", attribute_version=attribute.version,
                       label_map=MOVIELENS_LABEL_MAP, annotation_run=run)
@@ -211,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(summary_row(name, title, result))
         print(f"[compare] {name}: " + json.dumps(rows[-1]), flush=True)
     report = {"movies": len(items), "dropped_examples": dropped, "rows": rows,
+              "text_columns": text_columns, "lead_only": args.lead_only,
               "seconds": round(time.time() - started, 1)}
     if {"smollm2-vllm", "smollm2-transformers"} <= set(tables):
         report["vllm_vs_transformers"] = agreement(tables["smollm2-vllm"],
@@ -220,7 +235,8 @@ def main(argv: list[str] | None = None) -> int:
               "most popular movies ...", flush=True)
         title, _, engine, _ = VARIANTS[args.distill_from]
         report["distillation"] = distil_head(items, truth, tables[args.distill_from],
-                                             args.distill_head, out, engine, title)
+                                             args.distill_head, out, engine, title,
+                                             text_columns)
         print("[compare] distillation: " + json.dumps(
             {k: v for k, v in report["distillation"].items() if k != "student_card"}),
             flush=True)

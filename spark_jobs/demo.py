@@ -214,6 +214,14 @@ def print_ablation(ablation: dict) -> None:
             print(f"  {name:<16} {_ci(m['ndcg@10']):<25} "
                   f"{(_ci(gain_n, True) if gain_n else 'reference'):<27} "
                   f"{_ci(m['auc_liked']):<25} {_ci(gain_a, True) if gain_a else 'reference'}")
+    gains = ablation.get("served_gain_by_group")
+    if gains:
+        print(f"  what the served model ({proto['served_variant']}) leans on, share of its split "
+              "gain: " + ", ".join(f"{g} {v:.0%}" for g, v in gains.items()))
+    for name, r in ablation.get("genre_redundancy", {}).items():
+        print(f"  {name} from the human genres: {r['accuracy_from_genres']:.0%} of "
+              f"{r['items']} items predicted (5-fold; always the commonest label: "
+              f"{r['majority_share']:.0%})")
 
 
 def summarise(annotations: Path, rankings: list[dict], seconds: float) -> None:

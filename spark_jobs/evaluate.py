@@ -9,8 +9,9 @@ Predictions come from an annotation table (item_id, <attr>_label, <attr>_confide
 optional error column; for a multi-label attribute <attr>_labels and <attr>_scores), or are
 made first by any engine through udfs.annotator, the code path the annotate job's UDFs use.
 Human truth is a table of item ids with "|"-separated labels; --label-map folds human labels
-onto spec labels. --movielens uses the shipped MovieLens data: text = title plus user tags
-(never the genres), truth = the genres. Writes metrics.json, confusion_matrix.json/.png and
+onto spec labels. --movielens uses the shipped MovieLens data: text = --text-columns of
+title, description (the Wikipedia lead, where one exists) and tags (never the genres; default
+title + description), `--lead-only` keeps the movies with a lead; truth = the genres. Writes metrics.json, confusion_matrix.json/.png and
 reliability.png (a multi-label attribute: metrics.json, per_label.png and reliability.png;
 plus annotations.parquet and items.parquet when it annotated), and prints the headline numbers.
 
@@ -47,8 +48,12 @@ class EvaluateError(ValueError):
 
 
 def movielens_genre_items(data_dir: Path = DATA_DIR, limit: int | None = None) -> pd.DataFrame:
-    """item_id, title, tags ("Tags: a, b" or None) and the human genres, per movie."""
-    movies = pd.read_csv(data_dir / "movies.csv")
+    """item_id, title, description (the Wikipedia lead or None), has_lead, tags ("Tags: a, b"
+    or None) and the human genres, per movie: the demo's catalogue (spark_jobs.movielens)
+    plus the user tags."""
+    from spark_jobs.movielens import load_items
+
+    movies = load_items(data_dir)
     if limit:
         movies = movies.head(limit)
     tags = pd.read_csv(data_dir / "tags.csv")
@@ -59,12 +64,15 @@ def movielens_genre_items(data_dir: Path = DATA_DIR, limit: int | None = None) -
     joined = (counts.groupby("movieId").head(MAX_TAGS).groupby("movieId")["tag"]
               .agg(lambda t: "Tags: " + ", ".join(t)))
     return pd.DataFrame({
-        "item_id": movies["movieId"].astype("int64"),
+        "item_id": movies["item_id"],
         "title": movies["title"],
-        "tags": movies["movieId"].map(joined).astype(object).where(
-            movies["movieId"].isin(joined.index), None),
-        "genres": movies["genres"],
-    })
+        "description": movies["description"],
+        "has_lead": movies["has_lead"],
+        "tags": movies["item_id"].map(joined).astype(object).where(
+            movies["item_id"].isin(joined.index), None),
+        # "(no genres listed)" as MovieLens writes it: no truth, left out of the scores
+        "genres": movies["genres"].fillna("(no genres listed)"),
+    }).reset_index(drop=True)
 
 
 def movielens_label_map(attribute: Attribute) -> dict[str, str]:
@@ -356,10 +364,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     src.add_argument("--annotations", help="table with item_id, <attr>_label, <attr>_confidence")
     src.add_argument("--items", help="item table to annotate first (item_id + text columns)")
     src.add_argument("--movielens", action="store_true",
-                     help="annotate the shipped MovieLens items (title + tags); truth = genres")
+                     help="annotate the shipped MovieLens items (--text-columns of title, "
+                          "description = the Wikipedia lead, tags); truth = genres")
     p.add_argument("--engine", default=None,
                    help="engine type, inline JSON or YAML/JSON file (default: embedding)")
-    p.add_argument("--text-columns", default="title,description")
+    p.add_argument("--text-columns", default="title,description",
+                   help="columns joined into the item text (default: title,description)")
+    p.add_argument("--lead-only", action="store_true",
+                   help="--movielens: only the movies with a Wikipedia lead (before --limit/--sample)")
     p.add_argument("--limit", type=int, default=None, help="--movielens: first N movies only")
     p.add_argument("--sample", type=int, default=None,
                    help="--movielens: N movies drawn at random (seeded) instead")
@@ -386,19 +398,22 @@ def main(argv: list[str] | None = None) -> int:
         run_info = None
         if args.movielens:
             catalogue = movielens_genre_items()
-            items = movielens_sample(catalogue, args.limit, args.sample, args.seed)
+            pool = catalogue[catalogue["has_lead"]] if args.lead_only else catalogue
+            items = movielens_sample(pool.reset_index(drop=True), args.limit, args.sample,
+                                     args.seed)
             # the whole catalogue's genres: the baselines of a multi-label attribute learn
             # from the movies that are not scored
             truth = pd.DataFrame({"item_id": catalogue["item_id"],
                                   "labels": catalogue["genres"]})
             truth_column = "labels"
             label_map = {**movielens_label_map(attribute), **label_map}
-            text_columns = ["title", "tags"]
         else:
             if not args.truth:
                 raise EvaluateError("--truth is required unless --movielens")
+            if args.lead_only:
+                raise EvaluateError("--lead-only is for --movielens")
             truth, truth_column = read_frame(args.truth), args.truth_column
-            text_columns = [c.strip() for c in args.text_columns.split(",")]
+        text_columns = [c.strip() for c in args.text_columns.split(",") if c.strip()]
         if args.annotations:
             annotations = read_frame(args.annotations)
         else:

@@ -299,6 +299,49 @@ def wait_gone(pids, timeout: float) -> bool:
     return all(map(gone, pids))
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_text_past_the_context_is_cut_at_its_end_as_transformers_cuts_it(
+        engines, models, spec, kinds_spec, family):
+    """A text longer than max_model_len (a long Wikipedia lead, a product manual) is no row
+    error: its end goes until the prompt leaves room for the answer, the question and the
+    title stay, each cut text is counted, and the transformers engine given the same limit
+    cuts it the same way (the same probabilities and captions)."""
+    from udfs.engines.prompts import TRUNCATION_MARK
+    from udfs.engines.vllm import LABEL_TOKENS
+    engine = engines(family)
+    long = "Casablanca (1942). " + " ".join(["A story of love and war in wartime Morocco."] * 150)
+    texts = [long, TEXTS[2]]
+    limit = vllm_config(models[family])["max_model_len"] - LABEL_TOKENS
+    reference = TransformersEngine(str(models[family]), dtype="float32", max_prompt_tokens=limit)
+    try:
+        vibe = spec.attributes["vibe"]
+        cut = engine.prompt(vibe, long)
+        assert cut.startswith(vibe.render("X").split("Movie: X")[0] + "Movie: Casablanca (1942).")
+        assert cut.endswith(vibe.render("X")[-40:])  # the question stays whole
+        assert TRUNCATION_MARK in cut and len(engine.encoder(vibe)(cut)) <= limit
+        assert engine.prompt(vibe, TEXTS[2]) == vibe.render(TEXTS[2])  # short texts unchanged
+        before = engine.usage().get("vibe", {}).get("truncated_texts", 0)
+        out = annotator.annotate_texts(engine, vibe, pd.Series(texts))
+        assert out["error"].isna().all()
+        assert engine.usage()["vibe"]["truncated_texts"] - before == 1
+        np.testing.assert_allclose(label_probabilities(engine.label_loglik(texts, vibe)),
+                                   label_probabilities(reference.label_loglik(texts, vibe)),
+                                   atol=1e-4)
+        multi = kinds_spec.attributes["genres"]
+        np.testing.assert_allclose(engine.tag(texts, multi), reference.tag(texts, multi),
+                                   atol=1e-4)
+        assert engine.usage()["genres"]["truncated_texts"] >= 1
+        caption = spec.caption  # the caption leaves room for its own new tokens
+        capped = TransformersEngine(str(models[family]), dtype="float32", max_prompt_tokens=(
+            vllm_config(models[family])["max_model_len"] - caption.max_tokens))
+        try:
+            assert engine.caption(texts, caption) == capped.caption(texts, caption)
+        finally:
+            capped.close()
+    finally:
+        reference.close()
+
+
 def test_the_annotator_contract_holds_on_vllm(engines, spec):
     """Null, blank and duplicate texts through udfs.annotator: one result or error per row."""
     from udfs.annotator import annotate_texts, clean_columns

@@ -1,5 +1,6 @@
 """Point-in-time stats (spark_jobs.build_features), the model matrix (ranking_service.features)
-and the saved model format (ranking_service.model). Pure: no Spark, no Feast."""
+and the saved model format (ranking_service.model). No Spark, no Feast; the build_features
+job runs end to end on annotation tables committed as the annotate job commits them."""
 from __future__ import annotations
 
 import json
@@ -13,8 +14,11 @@ import xgboost as xgb
 from ranking_service import model as ranker_model
 from ranking_service.features import (REFERENCE, VARIANTS, FeatureSet, genre_vocabulary,
                                       hot_column, score_column, share_column, sid_column)
-from spark_jobs.build_features import item_stats, latest_labels, read_ratings, user_stats
+from spark_jobs import build_features
+from spark_jobs.build_features import annotations_at, item_stats, read_ratings, user_stats
+from udfs.schema import AnnotationSchema
 from udfs.spec import load_spec
+from udfs.table import FeatureTable
 from udfs.tokens import caption_tokens
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,15 +33,42 @@ def ratings() -> pd.DataFrame:
 
 
 @pytest.fixture(scope="module")
-def labels(ratings) -> pd.Series:
-    """A label per item (some items failed: None), from two annotation versions."""
+def history(ratings) -> pd.DataFrame:
+    """An annotation history: each item labelled "dark" from the epoch, re-annotated at its
+    median rating time with another label (or a failure: None) by a row that ties on time
+    with an older-created one, which it beats by created_timestamp."""
     items = np.sort(ratings["item_id"].unique())
-    old = pd.DataFrame({"item_id": items, "created_timestamp": pd.Timestamp("2020-01-01", tz="UTC"),
+    midway = ratings.groupby("item_id")["ts"].median().loc[items].astype("int64").to_numpy()
+    old = pd.DataFrame({"item_id": items, "event_timestamp": pd.Timestamp(0, tz="UTC"),
+                        "created_timestamp": pd.Timestamp("2020-01-01", tz="UTC"),
                         "vibe_label": "dark"})
-    new = old.assign(created_timestamp=pd.Timestamp("2021-01-01", tz="UTC"),
+    new = old.assign(event_timestamp=pd.to_datetime(midway, unit="s", utc=True),
+                     created_timestamp=pd.Timestamp("2021-01-01", tz="UTC"),
                      vibe_label=[VIBES[i % len(VIBES)] if i % 7 else None
                                  for i in range(len(items))])
-    return latest_labels(pd.concat([new, old]), "vibe")
+    beaten = new.assign(created_timestamp=pd.Timestamp("2020-06-01", tz="UTC"),
+                        vibe_label="beaten")
+    return pd.concat([new, old, beaten], ignore_index=True)
+
+
+@pytest.fixture(scope="module")
+def labels(ratings, history) -> pd.Series:
+    """Each rating's label as of its time."""
+    return annotations_at(ratings, history, ["vibe_label"])["vibe_label"]
+
+
+def brute_as_of(ratings: pd.DataFrame, history: pd.DataFrame, column: str) -> list:
+    """Per rating, `column` of the newest row by (event_timestamp, created_timestamp) stamped
+    <= its time, row by row."""
+    rows = history.assign(t=(history["event_timestamp"] - pd.Timestamp(0, tz="UTC"))
+                          / pd.Timedelta(seconds=1))
+    by_item = {i: list(g.sort_values(["t", "created_timestamp"])[["t", column]].itertuples(
+        index=False)) for i, g in rows.groupby("item_id")}
+    out = []
+    for item, ts in zip(ratings["item_id"], ratings["ts"]):
+        valid = [value for t, value in by_item.get(item, []) if t <= ts]
+        out.append(valid[-1] if valid else None)
+    return out
 
 
 def as_of(stats: pd.DataFrame, key: str, ratings: pd.DataFrame) -> pd.DataFrame:
@@ -48,8 +79,13 @@ def as_of(stats: pd.DataFrame, key: str, ratings: pd.DataFrame) -> pd.DataFrame:
                          on="event_timestamp", by=key, direction="backward")
 
 
-def test_latest_labels_prefer_the_newest_annotation(labels):
-    assert (labels.dropna() != "dark").any() and labels.isna().any()
+def test_each_rating_sees_the_annotation_valid_at_its_time(ratings, history, labels):
+    assert labels.index.equals(ratings.index)
+    assert labels.tolist() == brute_as_of(ratings, history, "vibe_label")
+    # the old label before the re-annotation, the new one (or its failure) after; the
+    # row created earlier at the same time never wins
+    assert (labels == "dark").any() and labels.isna().any()
+    assert labels.isin(set(VIBES) - {"dark"}).any() and not (labels == "beaten").any()
 
 
 def test_item_stats_never_include_the_interaction_itself(ratings):
@@ -81,7 +117,7 @@ def test_user_stats_match_a_brute_force_computation(ratings, labels):
                 assert row["user_n_ratings"] == 0 and np.isnan(row["user_mean_rating"])
                 continue
             assert row["user_mean_rating"] == pytest.approx(before["rating"].mean())
-            item_labels = before["item_id"].map(labels)
+            item_labels = labels.loc[before.index]  # each as of its own rating
             for lab in VIBES:  # unlabelled items count in the denominator only
                 assert row[share_column("vibe", lab)] == pytest.approx(
                     (item_labels == lab).sum() / len(before))
@@ -429,12 +465,13 @@ def test_user_shares_of_label_sets_match_a_brute_force_computation(ratings):
                                               if (i >> j) & 1], dtype=object)
             for i in range(len(items))]
     sets[1] = np.array(["Drama", "Western"], dtype=object)  # outside the spec: ignored
-    ann = pd.DataFrame({"item_id": items, "created_timestamp": pd.Timestamp("2021-01-01", tz="UTC"),
+    ann = pd.DataFrame({"item_id": items, "event_timestamp": pd.Timestamp(0, tz="UTC"),
+                        "created_timestamp": pd.Timestamp("2021-01-01", tz="UTC"),
                         "genres_labels": sets,
                         "intensity_label": [LEVELS[i % 5] if i % 4 else None
                                             for i in range(len(items))]})
-    genres = latest_labels(ann, "genres", multi=True)
-    intensity = latest_labels(ann, "intensity")
+    at = annotations_at(ratings, ann, ["genres_labels", "intensity_label"])
+    genres, intensity = at["genres_labels"], at["intensity_label"]
     stats = user_stats(ratings, {"genres": genres, "intensity": intensity},
                        {"genres": GENRE_LABELS, "intensity": LEVELS})
     assert list(stats.columns[4:]) == [share_column("genres", g) for g in GENRE_LABELS] + \
@@ -447,8 +484,115 @@ def test_user_shares_of_label_sets_match_a_brute_force_computation(ratings):
             if not len(before):
                 continue
             for g in GENRE_LABELS:
-                carrying = [v is not None and g in list(v) for v in before["item_id"].map(genres)]
+                carrying = [v is not None and g in list(v) for v in genres.loc[before.index]]
                 assert row[share_column("genres", g)] == pytest.approx(sum(carrying) / len(before))
             for lev in LEVELS:
                 assert row[share_column("intensity", lev)] == pytest.approx(
-                    (before["item_id"].map(intensity) == lev).sum() / len(before))
+                    (intensity.loc[before.index] == lev).sum() / len(before))
+
+
+# --- the job on committed annotation tables: labels as of each rating, the gate ------------
+
+T0 = 1_000_000_000  # 2001-09-09T01:46:40Z, a whole second
+
+
+def at(seconds: float) -> pd.Timestamp:
+    """T0 + seconds, in microseconds (the table's unit), so fractions of a second survive."""
+    return pd.Timestamp(T0 * 10**6 + round(seconds * 10**6), unit="us", tz="UTC")
+
+
+def commit_runs(root: Path, spec, *runs: pd.DataFrame) -> Path:
+    """Each frame committed as one run of the table, oldest first (FeatureTable.write_frame:
+    the annotate job's layout and commit), each created one second after the last."""
+    created = pd.Timestamp.now(tz="UTC").floor("us")
+    for k, run in enumerate(runs):
+        run = run.assign(created_timestamp=created + pd.Timedelta(seconds=k))
+        FeatureTable(str(root)).write_frame(run, AnnotationSchema(spec))
+    return root
+
+
+def run_job(tmp_path: Path, monkeypatch, table: Path, spec: str, rows: list[tuple],
+            *flags: str) -> tuple[int, pd.DataFrame | None]:
+    """build_features on `rows` (user, item, rating, seconds after T0); in tmp_path, so the
+    gate finds no drift reference of the working tree. (exit status, user_stats)."""
+    monkeypatch.chdir(tmp_path)
+    csv = tmp_path / "ratings.csv"
+    pd.DataFrame([(u, i, r, T0 + s) for u, i, r, s in rows],
+                 columns=["userId", "movieId", "rating", "timestamp"]).to_csv(csv, index=False)
+    rc = build_features.main(["--ratings", str(csv), "--annotations", str(table),
+                              "--out", str(tmp_path / "out"), "--spec", spec, *flags])
+    stats = tmp_path / "out" / "user_stats"
+    return rc, pd.read_parquet(stats).set_index(["user_id", "event_timestamp"]) \
+        if rc == 0 else None
+
+
+def shares(users: pd.DataFrame, user: int, seconds: float, attribute: str, labels) -> dict:
+    """The user's shares in the row stamped at T0 + seconds, for the labels they are not 0."""
+    row = users.loc[(user, at(seconds))]
+    return {lab: row[share_column(attribute, lab)] for lab in labels
+            if row[share_column(attribute, lab)]}
+
+
+def test_user_shares_use_the_label_valid_at_each_rating(tmp_path, monkeypatch):
+    from tests.test_gate import annotation_frame
+    first = annotation_frame(event=at(0))
+    first.loc[first["item_id"] == 1, "vibe_label"] = "dark"
+    first.loc[first["item_id"] == 2, ["vibe_label", "event_timestamp"]] = ["thrilling", at(500)]
+    first.loc[first["item_id"] == 3, "event_timestamp"] = at(500.4)   # later in that second
+    first.loc[first["item_id"] == 4, "event_timestamp"] = at(86_400)  # a day later
+    again = first[first["item_id"] == 1].assign(vibe_label="romantic", event_timestamp=at(1000))
+    table = commit_runs(tmp_path / "item_annotations", SPEC, first, again)
+    rc, users = run_job(tmp_path, monkeypatch, table, str(ROOT / "specs" / "movielens.yaml"), [
+        (1, 1, 4.0, 100), (1, 1, 5.0, 2000),    # item 1 before and after its re-annotation
+        (2, 2, 3.0, 500), (2, 3, 3.0, 500),     # item 2 stamped at the second, 3 just after
+        (3, 3, 4.0, 501), (3, 4, 4.0, 600)])    # item 3 valid by now; item 4 not yet
+    assert rc == 0
+    assert shares(users, 1, 101, "vibe", VIBES) == {"dark": 1.0}
+    assert shares(users, 1, 2001, "vibe", VIBES) == {"dark": 0.5, "romantic": 0.5}
+    assert shares(users, 2, 501, "vibe", VIBES) == {"thrilling": 0.5}  # item 3: unlabelled
+    label_3 = first.loc[first["item_id"] == 3, "vibe_label"].item()
+    assert shares(users, 3, 601, "vibe", VIBES) == {label_3: 0.5}      # item 4: unlabelled
+    assert users.loc[(3, at(601)), "user_n_ratings"] == 2
+
+
+def test_label_sets_are_as_of_each_rating(tmp_path, monkeypatch):
+    from tests.test_gate_kinds import kinds_frame
+    first = kinds_frame(event=at(0))  # row k: item k + 1
+    first.at[0, "genres_labels"] = ["Action"]
+    first.at[0, "genres_scores"] = [0.9, 0.1, 0.1, 0.1, 0.1]
+    first.at[1, "event_timestamp"] = at(86_400)  # item 2: a day after its rating
+    again = first.iloc[[0]].assign(event_timestamp=at(1000))  # item 1 re-annotated
+    again.at[0, "genres_labels"] = ["Comedy", "Romance"]
+    again.at[0, "genres_scores"] = [0.1, 0.9, 0.1, 0.9, 0.1]
+    table = commit_runs(tmp_path / "item_annotations", KINDS_SPEC, first, again)
+    rc, users = run_job(tmp_path, monkeypatch, table,
+                        str(ROOT / "specs" / "movielens_kinds.yaml"),
+                        [(1, 1, 4.0, 100), (1, 1, 4.0, 2000), (2, 2, 3.0, 600), (2, 1, 3.0, 700)])
+    assert rc == 0
+    assert shares(users, 1, 101, "genres", GENRE_LABELS) == {"Action": 1.0}
+    assert shares(users, 1, 2001, "genres", GENRE_LABELS) == {
+        "Action": 0.5, "Comedy": 0.5, "Romance": 0.5}
+    assert shares(users, 2, 601, "genres", GENRE_LABELS) == {}  # item 2 not annotated yet
+    assert shares(users, 2, 701, "genres", GENRE_LABELS) == {"Action": 0.5}
+
+
+def test_a_table_the_gate_refuses_is_not_used_unless_skipped(tmp_path, monkeypatch, capsys):
+    from tests.test_gate import annotation_frame
+    bad = annotation_frame(event=at(0))
+    bad.loc[0, "vibe_label"] = "spooky"  # not a label of the spec
+    table = commit_runs(tmp_path / "item_annotations", SPEC, bad)
+    spec = str(ROOT / "specs" / "movielens.yaml")
+    rows = [(1, 1, 4.0, 100), (1, 50, 3.0, 200)]
+    rc, _ = run_job(tmp_path, monkeypatch, table, spec, rows)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and not (tmp_path / "out").exists()
+    assert err == ["build_features: error: the expectations gate refuses the annotation "
+                   "table (expect_column_values_to_be_in_set(vibe_label)); the report: "
+                   f"python -m spark_jobs.validate --spec {spec} --table {table}"]
+    # no report or quarantine left behind (validate's would be under feature_repo/data/gate)
+    assert not (tmp_path / "feature_repo").exists()
+    rc, users = run_job(tmp_path, monkeypatch, table, spec, rows, "--skip-gate-check")
+    err = capsys.readouterr().err
+    assert rc == 0 and len(users) == 3
+    assert err.startswith("build_features: WARNING: --skip-gate-check: the annotation table "
+                          "was NOT checked by the expectations gate")

@@ -209,3 +209,22 @@ def test_annotate_job_on_the_cluster(cluster, tmp_path, spec):
     assert table["error"].isna().all()
     assert table["vibe_label"].isin(spec.attributes["vibe"].labels).all()
     assert (table["spec_version"] == spec.version).all()
+
+
+def test_the_semantic_id_fits_embedder_serves_as_the_main_engine(monkeypatch):
+    """The semantic-ID fit builds its embedder in the embed slot; the annotation pass that
+    follows asks for the same engine as its main one and gets it (its text-embedding cache
+    with it), instead of a second engine encoding the same texts again."""
+    from tests.faulty_engines import GpuProbe
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setattr(worker, "_slots", {})
+    monkeypatch.setattr(worker, "task_gpu_addresses", lambda: [])
+    GpuProbe.built.clear()
+    try:
+        fitted = worker.get_engine(PROBE, worker.EMBED)
+        assert worker.get_engine(PROBE) is fitted and worker.get_engine(PROBE, worker.EMBED) is fitted
+        other = worker.get_engine(dict(PROBE, name="llm"))  # an LLM in the main slot
+        assert other is not fitted and not fitted.closed  # the embedder stays beside it
+    finally:
+        worker.close_engine()

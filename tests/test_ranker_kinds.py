@@ -98,7 +98,10 @@ def built(tmp_path_factory) -> dict:
     FeatureTable(str(data / "item_annotations")).write_frame(ann, AnnotationSchema(SPEC))
     assert build_features.main(["--ratings", str(root / "ratings.csv"), "--annotations",
                                 str(data / "item_annotations"), "--out", str(data),
-                                "--spec", str(SPEC_PATH)]) == 0
+                                "--spec", str(SPEC_PATH),
+                                # 1 row in 13 failed on purpose (over the gate's 5%); this
+                                # module's repo runs without the gate (docstring)
+                                "--skip-gate-check"]) == 0
     env = {**os.environ, "ANNOFEAT_SPEC": str(root / "specs" / SPEC_PATH.name),
            "ANNOFEAT_ITEM_METADATA": "0"}
     subprocess.run([str(Path(sys.executable).parent / "feast"), "apply"], cwd=repo,

@@ -26,7 +26,7 @@ from spark_jobs import build_features, movielens, train_ranker
 from udfs.schema import AnnotationSchema
 from udfs.semantic_ids import prefix_tokens
 from udfs.spec import load_spec
-from udfs.table import FeatureTable
+from udfs.table import FeatureTable, read_latest
 from udfs.tokens import caption_tokens
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -219,6 +219,40 @@ def test_training_writes_model_ablation_and_plot(trained):
     assert ranker.meta["variants"] == report["variants"]
 
 
+def test_the_report_says_what_the_model_leans_on_and_what_the_genres_already_say(trained):
+    report = json.loads((trained["model"] / "ablation.json").read_text())
+    gains = report["served_gain_by_group"]
+    assert list(gains) == ["stats", "genres", "attributes", "captions", "semantic_ids"]
+    assert sum(gains.values()) == pytest.approx(1.0, abs=1e-3) and gains["stats"] > 0
+    ranker = ranker_model.load(trained["model"])
+    by_column = ranker.booster.get_score(importance_type="total_gain")
+    genre_cols = [c for c in by_column if c.startswith("genre_")]
+    assert gains["genres"] == pytest.approx(
+        sum(by_column[c] for c in genre_cols) / sum(by_column.values()), abs=1e-4)
+    redundancy = report["genre_redundancy"]
+    assert set(redundancy) == {"vibe", "audience"}  # the spec's single-label attributes
+    for r in redundancy.values():
+        assert 0 <= r["accuracy_from_genres"] <= 1 and 0 < r["majority_share"] <= 1
+
+
+def test_genre_redundancy_on_a_known_case():
+    """An attribute that is a function of the genres is predicted from them; one drawn at
+    random is predicted no better than its commonest label."""
+    rng = np.random.default_rng(0)
+    genres = rng.choice(["Horror", "Comedy", "Drama|Romance", "Horror|Thriller"], 400)
+    rows = pd.DataFrame({
+        "item_id": np.arange(400), "event_timestamp": pd.Timestamp("2020-01-01", tz="UTC"),
+        "genres": genres,
+        "vibe_label": np.where(pd.Series(genres).str.contains("Horror"), "dark", "romantic"),
+        "audience_label": rng.choice(["kids", "adults"], 400)})
+    full = FeatureSet((("vibe", ("dark", "romantic")), ("audience", ("kids", "adults"))),
+                      genres=("Comedy", "Drama", "Horror", "Romance", "Thriller"))
+    out = train_ranker.genre_redundancy(rows, full)
+    assert out["vibe"]["accuracy_from_genres"] == 1.0
+    assert out["audience"]["accuracy_from_genres"] <= out["audience"]["majority_share"] + 0.05
+    assert out["vibe"]["items"] == 400
+
+
 def test_cold_start_and_paired_metrics_on_a_known_case():
     """A perfect and a reversed scorer on two folds: the metrics, their gains over the
     reference and the cold-start subset are what they must be."""
@@ -273,3 +307,23 @@ def test_historical_features_are_as_of_each_interaction(trained):
     m = fs.matrix(all_rel)
     assert m.loc[before.index, "vibe_label"].isna().all()
     assert np.isnan(m.loc[before.index, "caption_bucket_00"]).all()
+
+
+def test_training_refuses_annotations_the_gate_refuses(trained, tmp_path, capsys):
+    """The repo's annotation rows are checked as its gate would check a `feast materialize`
+    of them: a label outside the spec in the newest rows stops the job before training."""
+    repo = copy_repo(trained["repo"], tmp_path / "feature_repo", materialize=False)
+    table, spec = repo / "data" / "item_annotations", load_spec(SPEC_PATH)
+    newest, _ = read_latest(str(table), spec)
+    FeatureTable(str(table)).write_frame(  # a later run re-labels three items wrongly
+        newest.head(3).assign(vibe_label="spooky",
+                              created_timestamp=pd.Timestamp.now(tz="UTC").floor("us")),
+        AnnotationSchema(spec))
+    capsys.readouterr()
+    assert train_ranker.main(["--repo", str(repo), "--ratings", str(trained["ratings"]),
+                              "--spec", str(SPEC_PATH), "--out", str(tmp_path / "ranker")]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "train_ranker: error: the expectations gate refuses the annotation table "
+        "(expect_column_values_to_be_in_set(vibe_label)); the report: python -m "
+        f"spark_jobs.validate --repo {repo}"]
+    assert not (tmp_path / "ranker").exists()

@@ -216,8 +216,22 @@ def read_latest(root: str, spec=None, key: str | None = None):
     For an annotate job's output, the directory of the spec's columns is read (the newest
     committed one when no spec is given) and the id column comes from its _schema.json. A
     path holding Parquet files directly (a table not written by the annotate job) is read as
-    it is, deduplicated the same way by `key` (default: item_id) when it has the timestamps.
+    it is.
     """
+    df, key, plain = _read_rows(root, spec, key)
+    return (df if plain else latest_rows(df, key)), key
+
+
+def read_history(root: str, spec=None, key: str | None = None):
+    """The whole history, (every committed row of every run as pandas, id column): what a
+    point-in-time reader needs (which row was valid when). The same directory and key as
+    read_latest; a plain Parquet path is read as it is."""
+    df, key, _ = _read_rows(root, spec, key)
+    return df, key
+
+
+def _read_rows(root: str, spec, key: str | None):
+    """(every row, id column, whether `root` is plain Parquet rather than the job's layout)."""
     import pyarrow.dataset as ds
     import pyarrow.parquet as pq
 
@@ -229,7 +243,7 @@ def read_latest(root: str, spec=None, key: str | None = None):
     plain = info.type == pafs.FileType.File or any(
         i.base_name.endswith(".parquet") for i in table._list(root))
     if plain:  # not the annotate job's layout: read as it is
-        return pq.read_table(p, filesystem=fs).to_pandas(), key or "item_id"
+        return pq.read_table(p, filesystem=fs).to_pandas(), key or "item_id", True
     found = dict(table.directories())
     if spec is not None:
         fingerprint = AnnotationSchema(spec).fingerprint
@@ -246,7 +260,7 @@ def read_latest(root: str, spec=None, key: str | None = None):
     key = (table.recorded(directory) or {}).get("id_column", key or "item_id")
     files = [f"{_split(directory)[1]}/{n}" for n in table.run_files(directory)]
     df = ds.dataset(files, filesystem=fs, format="parquet").to_table().to_pandas()
-    return latest_rows(df, key), key
+    return df, key, False
 
 
 def read_frame(path: str):

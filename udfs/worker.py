@@ -140,7 +140,9 @@ def get_engine(config: dict | None, slot: str = MAIN) -> Engine:
     global _exit_hook
     addresses = tuple(task_gpu_addresses())
     key = (json.dumps(config or {}, sort_keys=True, default=str), addresses)
-    for name in (slot, MAIN):  # the embedder may be the main engine itself
+    # the embedder may be the main engine itself, and the main engine the embedder the
+    # semantic-ID fit built (its text-embedding cache then serves the annotation too)
+    for name in (slot, MAIN, EMBED):
         held = _slots.get(name)
         if held is not None and held[0] == key:
             return held[1]

@@ -74,8 +74,8 @@ class EmbeddingUnsupported(NotImplementedError):
 
 
 #: what a generative engine counts per part: tokens it sent, of those the ones its server or
-#: prefix cache did not recompute, and tokens it generated
-TOKEN_COUNTS = ("prompt_tokens", "cached_tokens", "generated_tokens")
+#: prefix cache did not recompute, tokens it generated, and item texts it cut to fit the model
+TOKEN_COUNTS = ("prompt_tokens", "cached_tokens", "generated_tokens", "truncated_texts")
 
 
 class Engine(ABC):
@@ -98,13 +98,14 @@ class Engine(ABC):
         return [name]
 
     def count_tokens(self, part: str, prompt: int = 0, cached: int = 0,
-                     generated: int = 0) -> None:
+                     generated: int = 0, truncated: int = 0) -> None:
         """Add to this engine's token counts for `part` (an attribute's name or "caption")."""
         usage = self.__dict__.setdefault("_usage", {})
         counts = usage.setdefault(part, dict.fromkeys(TOKEN_COUNTS, 0))
         counts["prompt_tokens"] += int(prompt)
         counts["cached_tokens"] += int(cached)
         counts["generated_tokens"] += int(generated)
+        counts["truncated_texts"] += int(truncated)
 
     def usage(self) -> dict[str, dict[str, int]]:
         """Token counts per part since the engine was built (empty for engines that do not

@@ -152,7 +152,15 @@ class EmbeddingEngine(Engine):
         phrases = [f"{lab}: {d}" for lab, d in zip(attribute.labels, attribute.definitions)]
         return self._vectors(("attr", attribute.version), phrases)
 
+    def _count_cut(self, part: str, texts: Sequence[str]) -> None:
+        """The texts the encoder reads only the start of, counted for the report (no count
+        at all while none is cut: this engine counts no tokens)."""
+        cut = self.encoder.overlong(texts)
+        if cut:
+            self.count_tokens(part, truncated=cut)
+
     def classify(self, texts: Sequence[str], attribute: Attribute) -> Labels:
+        self._count_cut(attribute.name, texts)
         probs = _softmax(self.embed(texts) @ self._label_vectors(attribute).T, self.temperature)
         best = probs.argmax(axis=1)
         return Labels(labels=[attribute.labels[i] for i in best],
@@ -160,6 +168,7 @@ class EmbeddingEngine(Engine):
                       scores=probs)
 
     def tag(self, texts: Sequence[str], attribute: Attribute) -> np.ndarray:
+        self._count_cut(attribute.name, texts)
         label_vecs = self._label_vectors(attribute)
         centroid = label_vecs.mean(axis=0)
         centroid = centroid / max(float(np.linalg.norm(centroid)), 1e-12)
@@ -171,6 +180,7 @@ class EmbeddingEngine(Engine):
         if not caption.descriptors:
             raise ValueError("the embedding engine captions from caption.descriptors, "
                              "which the spec leaves empty")
+        self._count_cut("caption", texts)
         vecs = self._vectors(("caption", caption.version), caption.descriptors)
         sims = self.embed(texts) @ vecs.T
         k = min(caption.top_k, len(caption.descriptors))

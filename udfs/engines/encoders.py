@@ -50,6 +50,15 @@ class TorchEncoder:
         return self.model.encode(list(texts), batch_size=batch_size, normalize_embeddings=True,
                                  convert_to_numpy=True, show_progress_bar=False)
 
+    def overlong(self, texts: Sequence[str]) -> int:
+        """How many of `texts` the encoder cuts at its max_seq_length (it reads the start)."""
+        limit = self.model.max_seq_length
+        long = [t for t in texts if len(t) + 2 > limit]  # a word piece is >= 1 character
+        if not long:
+            return 0
+        ids = self.model.tokenizer(long, add_special_tokens=True)["input_ids"]
+        return sum(len(i) > limit for i in ids)
+
 
 def _max_seq_length(model_dir: Path, default: int = 256) -> int:
     try:
@@ -72,7 +81,8 @@ class OnnxEncoder:
         self.tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
         # tokenizer.json pads every text to a fixed length; pad per batch instead
         self.tokenizer.no_padding()
-        self.tokenizer.enable_truncation(_max_seq_length(model_dir))
+        self.max_seq_length = _max_seq_length(model_dir)
+        self.tokenizer.enable_truncation(self.max_seq_length)
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or int(os.environ.get("OMP_NUM_THREADS", 0) or 0)
         options.inter_op_num_threads = 1
@@ -94,6 +104,11 @@ class OnnxEncoder:
         weights = mask[..., None].astype(np.float32)
         pooled = (hidden * weights).sum(axis=1) / np.clip(weights.sum(axis=1), 1e-9, None)
         return pooled / np.clip(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12, None)
+
+    def overlong(self, texts: Sequence[str]) -> int:
+        """How many of `texts` the encoder cuts at its max_seq_length (it reads the start)."""
+        long = [t for t in texts if len(t) + 2 > self.max_seq_length]  # a piece >= 1 char
+        return sum(bool(e.overflowing) for e in self.tokenizer.encode_batch(long)) if long else 0
 
     def encode(self, texts: Sequence[str], batch_size: int) -> np.ndarray:
         """Tokenised once, then batched by token count (longest first), each batch padded

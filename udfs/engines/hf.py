@@ -55,6 +55,10 @@ class TransformersEngine(LabelScoringEngine):
         self.batch_size = batch_size
         self.max_prompt_tokens = max_prompt_tokens
         self.model_name = self.name_for({"model": model})
+        self.model_dir = str(path)  # its card.json, if any, calibrates tag (calibration.py)
+
+    def prompt_limit(self, part) -> int:
+        return self.max_prompt_tokens
 
     def _encode(self, part, prompt: str) -> list[int]:
         """Prompt ids, cut from the left (the question sits at the end), keeping a BOS."""

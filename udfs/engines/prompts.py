@@ -26,6 +26,10 @@ from udfs.engines.base import Engine, Labels
 from udfs.spec import Attribute, Caption
 
 
+#: what ends an item text cut to fit a model's context (LabelScoringEngine.fit_text)
+TRUNCATION_MARK = " …"
+
+
 class MalformedOutput(ValueError):
     """A model reply that lacks what we asked for (a row error, never a guess)."""
 
@@ -56,7 +60,40 @@ class LabelScoringEngine(Engine):
 
     tokenizer = None  # engines with the model's tokenizer set it
 
+    def prompt_limit(self, part: Attribute | Caption) -> int | None:
+        """The most tokens a prompt of `part` may have so that the model takes it with its
+        answer (None: no limit known). Engines with a context limit override it."""
+        return None
+
     def prompt(self, part: Attribute | Caption, text: str) -> str:
+        """The prompt for one item, its text cut at the end to fit (fit_text)."""
+        return self._render(part, self.fit_text(part, text, lambda t: self._render(part, t)))
+
+    def fit_text(self, part: Attribute | Caption, text: str,
+                 render: Callable[[str], str]) -> str:
+        """`text`, or its longest word prefix marked with TRUNCATION_MARK whose `render`
+        fits prompt_limit: the end of an item's text goes, never the prompt's question or
+        the title at its start, and a row never fails for its length. Counted per part."""
+        limit = self.prompt_limit(part)
+        # a (byte-level) token covers at least one UTF-8 byte: a short prompt needs no
+        # tokenizer (8: room for the special tokens the encoder adds)
+        if limit is None or len(render(text).encode("utf-8")) + 8 <= limit:
+            return text
+        encode = self.encoder(part)
+        if len(encode(render(text))) <= limit:
+            return text
+        words = text.split(" ")
+        lo, hi = 0, len(words) - 1  # the most words that fit (0: the mark alone)
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if len(encode(render(" ".join(words[:mid]) + TRUNCATION_MARK))) <= limit:
+                lo = mid
+            else:
+                hi = mid - 1
+        self.count_tokens(part.name if isinstance(part, Attribute) else "caption", truncated=1)
+        return " ".join(words[:lo]) + TRUNCATION_MARK
+
+    def _render(self, part: Attribute | Caption, text: str) -> str:
         if not part.chat:
             return part.render(text)
         template = getattr(self.tokenizer, "chat_template", None)
@@ -89,10 +126,14 @@ class LabelScoringEngine(Engine):
     def tag(self, texts: Sequence[str], attribute: Attribute) -> np.ndarray:
         """Each label's P(yes) against P(no), all of a batch's questions in one engine call
         (the questions of one item share its prompt, which a prefix cache computes once)."""
-        questions = [q for text in texts for q in attribute.questions(text)]
+        yes_no = attribute.yes_no()
+        # every question carries the item's text: fit it to the longest question
+        fitted = [self.fit_text(attribute, text, lambda t: self._render(
+            yes_no, max(attribute.questions(t), key=len))) for text in texts]
+        questions = [q for text in fitted for q in attribute.questions(text)]
         if not questions:
             return np.zeros((0, len(attribute.labels)))
-        yes = label_probabilities(self.label_loglik(questions, attribute.yes_no()))[:, 0]
+        yes = label_probabilities(self.label_loglik(questions, yes_no))[:, 0]
         return yes.reshape(len(texts), len(attribute.labels))
 
 

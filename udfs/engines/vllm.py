@@ -110,6 +110,8 @@ MAX_LOGPROB_TOKEN_IDS = 128
 
 
 CPU_BLOCK_SIZE = 32  # the smallest block vLLM's CPU attention takes
+# context kept free after an attribute's prompt for the label tokens it scores
+LABEL_TOKENS = 32
 
 
 def _on_cpu() -> bool:
@@ -220,6 +222,8 @@ class VLLMEngine(LabelScoringEngine):
         self._sampling = SamplingParams
         self.model_name = self.name_for({"model": model})
         model = resolve(model)  # a packaged model's name -> its converted directory
+        # a local directory's card.json, if any, calibrates tag (udfs.engines.calibration)
+        self.model_dir = model if os.path.isdir(model) else None
         if "block_size" not in engine_args and _on_cpu():
             # vLLM's CPU default (128) leaves a short prompt's KV out of the prefix cache
             # (only full blocks are cached): the deeper label nodes would recompute the prompt
@@ -231,6 +235,11 @@ class VLLMEngine(LabelScoringEngine):
         started = child_pids() - before - {_resource_tracker_pid()}
         self._reaper = Reaper(started) if started else None
         self.tokenizer = self.llm.get_tokenizer()
+
+    def prompt_limit(self, part: Attribute | Caption) -> int:
+        """The context less the answer: a caption's new tokens, or room for a label's."""
+        context = self.llm.llm_engine.model_config.max_model_len
+        return context - (part.max_tokens if isinstance(part, Caption) else LABEL_TOKENS)
 
     def _generate(self, part: str, prompts: list, params) -> list:
         """One generate call, its tokens counted under `part`."""
