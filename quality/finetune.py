@@ -16,7 +16,9 @@ loss on those label tokens only. Nothing here imports torch or reads files:
 - `check_label_sets`, `strata`, `label_set`: the same for a multi-label attribute, whose human
   labels are a set per item ("|"-separated) and whose split is stratified by each item's
   rarest label; its training examples are the yes/no answers to its per-label questions
-  (udfs.spec.Attribute.questions), as Engine.tag asks them.
+  (udfs.spec.Attribute.questions), as Engine.tag asks them. `balance_weights` weights those
+  answers so that each label's yes and no carry equal totals; `fit_thresholds` picks each
+  label's decision threshold on a development split (udfs.engines.calibration applies it).
 - `check_split`: a held-out split that shares an item id, or an item text, with the training
   split is refused.
 - `example`: one (ids, number of label tokens) pair; `batches`: a seeded order per epoch.
@@ -130,12 +132,13 @@ class Split:
 
 
 def split(item_ids: Sequence, labels: Sequence[str], holdout: float, seed: int,
-          groups: Sequence | None = None) -> Split:
+          groups: Sequence | None = None, stream: int | None = None) -> Split:
     """Hold out `holdout` of each label's items (at least one, never all), chosen by a
     permutation seeded with `seed` over the label's items in sorted order.
 
     groups: items of one group (e.g. the same text) go to the same side; a group counts
-    under the label of its first item id."""
+    under the label of its first item id. stream: another draw from the same seed (the
+    development split carved out of the training split)."""
     if not 0 < holdout < 1:
         raise FinetuneError(f"--holdout must be a fraction in (0, 1), not {holdout}")
     groups = list(item_ids) if groups is None else list(groups)
@@ -146,7 +149,7 @@ def split(item_ids: Sequence, labels: Sequence[str], holdout: float, seed: int,
     for g, rows in members.items():
         by_label.setdefault(rows[0][1], []).append(rows[0][0])  # the group's first item
     first_to_group = {rows[0][0]: g for g, rows in members.items()}
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(seed if stream is None else [seed, stream])
     train, held = [], []
     for lab in sorted(by_label):
         units = sorted(by_label[lab], key=_sort_key)
@@ -197,6 +200,7 @@ def check_split(train: Sequence, heldout: Sequence, text_of: dict) -> list[str]:
 class TrainingExample:
     ids: tuple[int, ...]  # the engine's context, then the label's continuation
     label_tokens: int     # the last label_tokens ids carry the loss
+    weight: float = 1.0   # the example's loss is multiplied by it (balance_weights)
 
 
 def example(encode: Callable[[str], Sequence[int]], prompt: str, attribute: Attribute,
@@ -211,6 +215,47 @@ def example(encode: Callable[[str], Sequence[int]], prompt: str, attribute: Attr
     return TrainingExample(tuple(context) + tuple(tail), len(tail))
 
 
+def balance_weights(label_sets: Sequence[Sequence[str]], labels: Sequence[str]) -> np.ndarray:
+    """[items, labels] loss weights of a multi-label attribute's yes/no answers: per label,
+    the yes answers together weigh as much as the no answers (n / 2 each, for n items).
+
+    Unweighted, the answers are mostly no (12.5% yes for the MovieLens genres) and a model
+    learns each label's frequency: every answer no, the set topped up to min_labels with the
+    most frequent label (docs/QUALITY.md).
+    Balanced, a label's prior is even and what it learns is the item; the per-label
+    thresholds fitted on the development split then restore the decision. The weights
+    average 1 over each label, so the loss and the learning rate keep their scale; a label
+    whose items all answer alike keeps weight 1 (nothing to balance)."""
+    truth = np.array([[lab in set(s) for lab in labels] for s in label_sets],
+                     dtype=bool).reshape(len(label_sets), len(labels))
+    n, yes = len(truth), truth.sum(axis=0)
+    both = (yes > 0) & (yes < n)
+    w_yes = np.where(both, n / (2 * np.maximum(yes, 1)), 1.0)
+    w_no = np.where(both, n / (2 * np.maximum(n - yes, 1)), 1.0)
+    return np.where(truth, w_yes, w_no)
+
+
+def fit_thresholds(probabilities, truth, default: float) -> list[float]:
+    """Each label's decision threshold on a development split: the score at or over which
+    choosing the label gives the highest F1 there (a tie: the higher threshold, i.e. the
+    fewest labels chosen); `default` (the spec's threshold) for a label with no positive.
+
+    probabilities, truth: [items, labels] P(yes) and the human answers."""
+    p, y = np.asarray(probabilities, dtype=float), np.asarray(truth, dtype=bool)
+    out = []
+    for j in range(p.shape[1]):
+        positives = int(y[:, j].sum())
+        if not positives:
+            out.append(float(default))
+            continue
+        # every cut worth trying is a score (p >= t chooses it), highest first
+        candidates = np.unique(p[:, j])[::-1]
+        chosen = p[None, :, j] >= candidates[:, None]
+        f1 = 2 * (chosen & y[None, :, j]).sum(axis=1) / (positives + chosen.sum(axis=1))
+        out.append(float(candidates[int(np.argmax(f1))]))  # argmax: the first, the highest
+    return out
+
+
 def batches(n: int, batch_size: int, epochs: int, seed: int) -> list[list[int]]:
     """Example indices per step: a fresh seeded shuffle each epoch, the last batch short."""
     if batch_size < 1 or epochs < 1:
@@ -222,10 +267,13 @@ def batches(n: int, batch_size: int, epochs: int, seed: int) -> list[list[int]]:
     return out
 
 
-def data_hash(rows: Sequence[tuple], train: Sequence, heldout: Sequence) -> str:
-    """sha256 over the sorted (item id, text, label) rows and the split."""
+def data_hash(rows: Sequence[tuple], train: Sequence, heldout: Sequence,
+              dev: Sequence = ()) -> str:
+    """sha256 over the sorted (item id, text, label) rows and the split (the development
+    split only where there is one: the hashes of runs without one stay as they were)."""
     payload = {"rows": sorted([[str(i), t, lab] for i, t, lab in rows]),
-               "train": sorted(map(str, train)), "heldout": sorted(map(str, heldout))}
+               "train": sorted(map(str, train)), "heldout": sorted(map(str, heldout)),
+               **({"dev": sorted(map(str, dev))} if len(dev) else {})}
     return hashlib.sha256(json.dumps(payload, ensure_ascii=False).encode()).hexdigest()
 
 

@@ -55,6 +55,10 @@ RATINGS = ROOT / "data" / "movielens" / "ratings.csv"
 # free when it starts (vLLM's default 0.9 fails beside Spark)
 LLM_ENGINES = {"smollm2": {"type": "vllm", "model": "smollm2-135m-instruct",
                            "max_model_len": 1024, "gpu_memory_utilization": 0.5}}
+# The tail and the semantic IDs: one MiniLM (the same config, so one engine and one cache
+# per worker, udfs.worker) on both cores: local[1] runs one task, and in the tail pass no
+# LLM is loaded (routing swaps head and tail in one slot), so the second core is free
+TAIL_ENGINE = {"type": "embedding", "threads": 2}
 
 
 def llm_engine(engine: str, llm_model: str | None = None) -> dict | None:
@@ -160,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
                      "--metadata-out", data / "item_metadata"]
          + (["--limit", str(args.limit)] if args.limit else []))
     routed = [] if llm is None else [
-        "--engine", json.dumps(llm), "--tail-engine", "embedding", "--embed-engine", "embedding",
+        "--engine", json.dumps(llm), "--tail-engine", json.dumps(TAIL_ENGINE),
+        "--embed-engine", json.dumps(TAIL_ENGINE),
         "--popularity-column", "popularity", "--head-budget", str(args.llm_items)]
     step("annotate", [BIN / "spark-submit", "--master", "local[2]" if llm is None else "local[1]",
                       "--conf", f"spark.pyspark.python={sys.executable}",

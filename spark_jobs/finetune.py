@@ -4,7 +4,8 @@
         --labels human.csv --items items.parquet --text-columns title,tags --out DIR \
         [--model smollm2-135m-instruct] [--seed 0] [--holdout 0.2] [--max-train N] \
         [--max-heldout N] [--epochs 1] [--lr 1e-4] [--batch-size 8] [--precision auto] \
-        [--train-layers all] [--eval-engine transformers|vllm|none] [--baseline]
+        [--train-layers all] [--eval-engine transformers|vllm|none] [--baseline] \
+        [--dev 0.2] [--max-dev 200] [--no-balance]
 
 Supervised fine-tuning on exactly the scoring the transformers and vllm engines do
 (quality.finetune.example): the spec's own prompt (through the model's chat template when the
@@ -18,6 +19,12 @@ per item; for a multi-label attribute item_id and labels (or <attribute>_labels)
 labels "|"-separated (or a list), trained as the yes/no answer to each label's question
 (Attribute.questions), exactly what Engine.tag scores, and split stratified by each item's
 rarest label. Rows without a label are not labelled items (the command says how many).
+A multi-label attribute's answers are weighted so that each label's yes and no answers carry
+equal totals (quality.finetune.balance_weights; --no-balance: unweighted), and a development
+split (--dev of the training split, stratified and seeded, --max-dev of it scored; never
+trained on, never held out) gives each label the decision threshold with the highest F1
+there, written into card.json's "calibration", which the transformers and vllm engines apply
+when they load <out> (udfs.engines.calibration; --dev 0: none).
 --items: item_id and the text columns, built into the item text as the annotate job
 builds it. A stratified held-out split (--holdout, seeded) is never trained on; --max-train
 takes a nested, seeded subset of the training split (learning curves), --max-heldout a
@@ -36,12 +43,14 @@ the base model's LICENSE), loaded as it is by {"type": "transformers", "model": 
 versions, the splits (ids, their hash and counts), hyper-parameters, training log and the
 held-out metrics (strict accuracy, macro-F1, kappa, ECE, hit rate; a multi-label attribute:
 micro/macro-F1, Jaccard, macro AUC, ECE, Brier beside the majority and label-frequency
-baselines fitted on the other labelled items; --baseline adds the base model's zero-shot
-figures on the same items), scored by --eval-engine on <out> as saved.
+baselines fitted on the other labelled items, with the dev thresholds and, under
+"uncalibrated", without; --baseline adds the base model's zero-shot figures on the same
+items), scored by --eval-engine on <out> as saved.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -52,15 +61,19 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from quality import finetune as core
 from quality.finetune import FinetuneError
+from udfs.engines import calibration
 from udfs.engines.prompts import LabelScoringEngine
 from udfs.spec import Attribute, SpecError, load_spec
 from udfs.table import TableError, read_frame
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
+DEV = 0.2      # a multi-label attribute's development split: this fraction of the training
+MAX_DEV = 200  # split, at most this many items scored (as many as the held-out draw)
 
 
 def log(msg: str) -> None:
@@ -80,6 +93,8 @@ class Plan:
     heldout_pool: int           # the held-out split's size before --max-heldout
     data_hash: str
     settings: dict = field(default_factory=dict)
+    dev: tuple = ()             # item ids the thresholds are fitted on (after --max-dev)
+    dev_pool: int = 0           # the development split's size before --max-dev
 
     def frame(self, ids) -> pd.DataFrame:
         return self.rows.set_index("item_id").loc[list(ids)].reset_index()
@@ -106,13 +121,22 @@ def _labelled(value) -> bool:
 def plan(attribute: Attribute, labels: pd.DataFrame, items: pd.DataFrame,
          text_columns: list[str], holdout: float = 0.2, seed: int = 0,
          max_train: int | None = None, max_heldout: int | None = None,
-         min_per_label: int = core.MIN_PER_LABEL, heldout_ids=None) -> Plan:
+         min_per_label: int = core.MIN_PER_LABEL, heldout_ids=None, dev: float | None = None,
+         max_dev: int | None = MAX_DEV) -> Plan:
     """Check the inputs and split them; FinetuneError lists every problem, one per line.
 
     heldout_ids: a held-out split given instead of drawn (e.g. another run's); it must not
-    overlap the training items."""
+    overlap the training items. dev: the fraction of the training split carved out as a
+    development split before --max-train draws from the rest (default DEV for a multi-label
+    attribute, whose thresholds it fits; a single-label attribute has none)."""
     from udfs.annotator import clean_columns
 
+    dev = (DEV if attribute.multi else 0.0) if dev is None else dev
+    if dev and not attribute.multi:
+        raise FinetuneError("--dev is for multi-label attributes (it fits their per-label "
+                            "thresholds)")
+    if not 0 <= dev < 1:
+        raise FinetuneError(f"--dev must be a fraction in [0, 1), not {dev}")
     missing = [c for c in ("item_id",) if c not in labels.columns]
     missing += [f"items.{c}" for c in ["item_id", *text_columns] if c not in items.columns]
     if missing:
@@ -150,18 +174,35 @@ def plan(attribute: Attribute, labels: pd.DataFrame, items: pd.DataFrame,
         drawn = core.Split(tuple(rest["item_id"]), tuple(heldout_ids))
     else:
         drawn = core.split(ids, keys, holdout, seed, groups=rows["text"].tolist())
-    train = core.subset(drawn.train, max_train, seed, stream=1)
+    carved = carve_dev(drawn.train, dict(zip(ids, keys)), dict(zip(ids, rows["text"])), dev,
+                       seed)
+    train = core.subset(carved.train, max_train, seed, stream=1)
     heldout = core.subset(drawn.heldout, max_heldout, seed, stream=3)
+    dev_ids = core.subset(carved.heldout, max_dev, seed, stream=5) if carved.heldout else ()
     text_of = dict(zip(rows["item_id"], rows["text"]))
-    problems = core.check_split(train, heldout, text_of)
+    # the thresholds are fitted on dev: it must not see the held-out items either
+    problems = core.check_split(train + dev_ids, heldout, text_of)
     if problems:
         raise FinetuneError("\n".join(problems))
     triples = list(rows.itertuples(index=False, name=None))
-    return Plan(attribute, rows, train, heldout, len(drawn.train), len(drawn.heldout),
-                core.data_hash(triples, train, heldout),
+    return Plan(attribute, rows, train, heldout, len(carved.train), len(drawn.heldout),
+                core.data_hash(triples, train, heldout, dev_ids),
                 {"holdout": holdout, "seed": seed, "max_train": max_train,
                  "max_heldout": max_heldout, "min_per_label": min_per_label,
-                 "heldout_given": heldout_ids is not None})
+                 "heldout_given": heldout_ids is not None,
+                 **({"dev": dev, "max_dev": max_dev} if attribute.multi else {})},
+                dev_ids, len(carved.heldout))
+
+
+def carve_dev(train: tuple, key_of: dict, text_of: dict, fraction: float,
+              seed: int) -> core.Split:
+    """The training split as (what --max-train draws from, the development split): `fraction`
+    of it stratified as the held-out split is (same keys, same texts on one side), drawn
+    from its own stream of the seed; fraction 0: no development split."""
+    if not fraction:
+        return core.Split(train, ())
+    return core.split(train, [key_of[i] for i in train], fraction, seed,
+                      groups=[text_of[i] for i in train], stream=4)
 
 
 # ---------------------------------------------------------------- the model (I/O, torch)
@@ -196,6 +237,25 @@ def examples_for(tokenizer, attribute: Attribute, frame: pd.DataFrame,
     return [core.example(encode, prompts.prompt(attribute, text), attribute, label,
                          max_prompt_tokens, tokenizer.bos_token_id)
             for text, label in zip(frame["text"], frame["label"])]
+
+
+def balanced(examples: list[core.TrainingExample], frame: pd.DataFrame, attribute: Attribute
+             ) -> tuple[list[core.TrainingExample], dict]:
+    """examples_for's multi-label examples (item by item, each item's labels in spec order)
+    weighted by quality.finetune.balance_weights, and each label's (yes, no) weight."""
+    sets = [core.label_set(v) for v in frame["label"]]
+    weights = core.balance_weights(sets, attribute.labels)
+    out = [dataclasses.replace(e, weight=float(w)) for e, w in zip(examples, weights.ravel())]
+    per_label = {}
+    for j, lab in enumerate(attribute.labels):
+        yes = np.array([lab in s for s in sets], dtype=bool)
+        per_label[lab] = {"yes": _first(weights[yes, j]), "no": _first(weights[~yes, j])}
+    return out, per_label
+
+
+def _first(weights: np.ndarray) -> float | None:
+    """An answer's weight (all of one label's yes, or no, answers weigh the same)."""
+    return round(float(weights[0]), 4) if len(weights) else None
 
 
 def _bf16_supported(torch, device: str) -> bool:
@@ -255,9 +315,9 @@ def update_seconds(torch, params: list, grad_clip: float) -> float:
 
 
 def batch_loss(torch, model, chunk: list[core.TrainingExample], pad_id: int, device: str):
-    """Mean over the batch of each example's label negative log-likelihood, computed as the
-    transformers engine computes label scores (left padding, position ids from the mask, the
-    logits of the last label positions only)."""
+    """Mean over the batch of each example's label negative log-likelihood times its weight,
+    computed as the transformers engine computes label scores (left padding, position ids
+    from the mask, the logits of the last label positions only)."""
     width = max(len(e.ids) for e in chunk)
     ids = torch.tensor([[pad_id] * (width - len(e.ids)) + list(e.ids) for e in chunk],
                        device=device)
@@ -271,7 +331,8 @@ def batch_loss(torch, model, chunk: list[core.TrainingExample], pad_id: int, dev
     token_lp = logp.gather(-1, ids[:, -n:, None]).squeeze(-1)
     lengths = torch.tensor([e.label_tokens for e in chunk], device=device)
     is_label = torch.arange(n, device=device) >= n - lengths[:, None]
-    return -(token_lp * is_label).sum() / len(chunk)
+    weights = torch.tensor([e.weight for e in chunk], device=device)
+    return -((token_lp * is_label).sum(-1) * weights).sum() / len(chunk)
 
 
 @dataclass
@@ -284,6 +345,7 @@ class Hyper:
     max_prompt_tokens: int = 512  # the transformers engine's default truncation
     precision: str = "auto"       # auto | float32 | bf16 (autocast; weights stay float32)
     train_layers: int | None = None
+    balance: bool = True          # multi-label: each label's yes and no answers weigh alike
     seed: int = 0
     device: str = "cpu"
     threads: int | None = None
@@ -303,8 +365,11 @@ def train(model_path: str, plan_: Plan, hp: Hyper, out: Path) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None \
         else tokenizer.eos_token_id
-    examples = examples_for(tokenizer, plan_.attribute, plan_.frame(plan_.train),
-                            hp.max_prompt_tokens)
+    frame = plan_.frame(plan_.train)
+    examples = examples_for(tokenizer, plan_.attribute, frame, hp.max_prompt_tokens)
+    answer_weights = None
+    if plan_.attribute.multi and hp.balance:
+        examples, answer_weights = balanced(examples, frame, plan_.attribute)
     model = AutoModelForCausalLM.from_pretrained(model_path, local_files_only=True,
                                                  dtype=torch.float32).to(hp.device)
     model.train()
@@ -390,6 +455,7 @@ def train(model_path: str, plan_: Plan, hp: Hyper, out: Path) -> dict:
             "estimated_seconds": round(estimate, 1),
             "loss_first_tenth": round(sum(first) / len(first), 4),
             "loss_last_tenth": round(sum(last) / len(last), 4), "losses": [round(x, 4) for x in losses],
+            **({"answer_weights": answer_weights} if answer_weights else {}),
             "torch": torch.__version__, "transformers": __import__("transformers").__version__}
 
 
@@ -451,22 +517,89 @@ MULTI_METRICS = ("micro_precision", "micro_recall", "micro_f1", "macro_f1", "jac
 
 def _score_multi(plan_: Plan, items: pd.DataFrame, engine: dict, truth, label_map) -> dict:
     """The held-out items' sets and per-label probabilities scored as spark_jobs.evaluate
-    scores them; truth defaults to every labelled item, so the baselines are fitted on the
-    labelled items that are not scored, never on the scored ones."""
-    from spark_jobs.evaluate import annotate, evaluate
+    scores them."""
+    from spark_jobs.evaluate import annotate
+
+    table, run = annotate(items[["item_id", "text"]], plan_.attribute, engine, ["text"])
+    return _multi_metrics(plan_, table, run, truth, label_map)
+
+
+def _multi_metrics(plan_: Plan, table: pd.DataFrame, run: dict, truth, label_map) -> dict:
+    """An annotation table's metrics; truth defaults to every labelled item, so the
+    baselines are fitted on the labelled items that are not scored, never on the scored
+    ones."""
+    from spark_jobs.evaluate import evaluate
 
     if truth is None:
         truth = pd.DataFrame({"item_id": plan_.rows["item_id"], "labels": plan_.rows["label"]})
-    table, run = annotate(items[["item_id", "text"]], plan_.attribute, engine, ["text"])
     result = evaluate(table, truth, plan_.attribute, label_map or {})
     m, b = result["multi"], result["baselines"]
-    return {"engine": run["model"], "items": len(items), "kind": "multi", "n": m["n"],
+    return {"engine": run["model"], "items": len(table), "kind": "multi", "n": m["n"],
             **{k: m.get(k) for k in MULTI_METRICS},
             "baselines": {name: {k: b[name].get(k) for k in (*MULTI_METRICS, "labels")}
                           for name in ("majority", "label_frequency")},
             "baselines_fitted_on": b["train_items"],
             "errors": result["annotation_errors"], "rows_per_second": run["rows_per_second"],
             "per_label": m["per_label"]}
+
+
+def score_with_thresholds(plan_: Plan, engine: dict, truth: pd.DataFrame | None = None,
+                          label_map: dict | None = None) -> tuple[dict, dict]:
+    """A multi-label run's per-label thresholds, fitted on its development split, as the
+    card's "calibration" entry, and the held-out metrics with them (and, under
+    "uncalibrated", without).
+
+    The dev and held-out items go through `engine` in one pass while <out>'s card has no
+    calibration yet, so their probabilities are the model's own; the thresholds see the dev
+    items only. The held-out probabilities are then calibrated as an engine loading <out>
+    calibrates them (udfs.engines.calibration.shift) and their sets chosen again."""
+    from spark_jobs.evaluate import annotate
+
+    attribute = plan_.attribute
+    items = plan_.frame(plan_.heldout + plan_.dev)
+    table, run = annotate(items[["item_id", "text"]], attribute, engine, ["text"])
+    dev = table[table["item_id"].isin(set(plan_.dev))]
+    probabilities, answers = _scored(plan_, dev)
+    thresholds = core.fit_thresholds(probabilities, answers, attribute.threshold)
+    entry = calibration.card_entry(attribute, thresholds, {
+        "split": "dev", "items": len(probabilities), "ids_sha256": core.ids_hash(plan_.dev),
+        "choice": "per label, the threshold with the highest F1 there (ties: the higher); "
+                  "the spec's threshold for a label with no positive there"})
+    held = table[table["item_id"].isin(set(plan_.heldout))]
+    raw = _multi_metrics(plan_, held, run, truth, label_map)
+    tuned = _multi_metrics(plan_, calibrated(held, attribute, thresholds), run, truth,
+                           label_map)
+    return entry, {**tuned, "thresholds": "per label, fitted on the dev split "
+                                          "(card.json's calibration)",
+                   "uncalibrated": {k: raw[k] for k in (*MULTI_METRICS, "per_label")}}
+
+
+def _scored(plan_: Plan, table: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """The [items, labels] P(yes) of a table's rows scored without error, and their human
+    answers."""
+    from spark_jobs.evaluate import _present
+
+    labels = plan_.attribute.labels
+    scores = table[f"{plan_.attribute.name}_scores"]
+    ok = scores.map(_present) & table["error"].isna()
+    human = plan_.rows.set_index("item_id")["label"].loc[table["item_id"][ok]]
+    answers = np.array([[lab in core.label_set(v) for lab in labels] for v in human],
+                       dtype=bool).reshape(-1, len(labels))
+    return np.array(scores[ok].tolist(), dtype=float).reshape(-1, len(labels)), answers
+
+
+def calibrated(table: pd.DataFrame, attribute: Attribute, thresholds) -> pd.DataFrame:
+    """An annotation table as an engine loading the calibrated model would give it: each
+    scored row's probabilities shifted by the thresholds, its set chosen again."""
+    from spark_jobs.evaluate import _present
+
+    name = attribute.name
+    shifted = [calibration.shift(np.asarray(v, dtype=float)[None], thresholds,
+                                 attribute.threshold)[0] if _present(v) else None
+               for v in table[f"{name}_scores"]]
+    return table.assign(**{
+        f"{name}_scores": [None if p is None else p.tolist() for p in shifted],
+        f"{name}_labels": [None if p is None else attribute.choose(p) for p in shifted]})
 
 
 # ---------------------------------------------------------------- the command
@@ -484,15 +617,17 @@ def run(spec_path: str, attribute_name: str, labels: pd.DataFrame, items: pd.Dat
         holdout: float = 0.2, max_train: int | None = None, max_heldout: int | None = None,
         min_per_label: int = core.MIN_PER_LABEL, heldout_ids=None,
         evaluate_with="transformers", baseline: bool = False, sources: dict | None = None,
-        truth: pd.DataFrame | None = None, label_map: dict | None = None) -> dict:
+        truth: pd.DataFrame | None = None, label_map: dict | None = None,
+        dev: float | None = None, max_dev: int | None = MAX_DEV) -> dict:
     """Plan, train, save and score; returns the card (also written to <out>/card.json)."""
     from udfs.engines.models import resolve
 
-    hp = hp or Hyper()
     spec = load_spec(spec_path)
     attribute = spec.attribute(attribute_name)
+    hp = hp or Hyper()
+    hp = dataclasses.replace(hp, balance=hp.balance and attribute.multi)  # as trained
     plan_ = plan(attribute, labels, items, text_columns, holdout, hp.seed, max_train,
-                 max_heldout, min_per_label, heldout_ids)
+                 max_heldout, min_per_label, heldout_ids, dev, max_dev)
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise FinetuneError(f"--out {out} exists and is not empty; choose a new directory")
@@ -504,7 +639,9 @@ def run(spec_path: str, attribute_name: str, labels: pd.DataFrame, items: pd.Dat
         out.rmdir()
     log(f"{attribute.name} (version {attribute.version}): {len(plan_.rows)} labelled items, "
         f"{plan_.train_pool} in the training split ({len(plan_.train)} used), "
-        f"{plan_.heldout_pool} held out ({len(plan_.heldout)} scored); base model {model}")
+        + (f"{plan_.dev_pool} in the dev split ({len(plan_.dev)} scored), " if plan_.dev
+           else "")
+        + f"{plan_.heldout_pool} held out ({len(plan_.heldout)} scored); base model {model}")
     training = train(path, plan_, hp, out)
     card = {
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -521,25 +658,41 @@ def run(spec_path: str, attribute_name: str, labels: pd.DataFrame, items: pd.Dat
                              "ids": [_plain(i) for i in plan_.train]},
                    "heldout": {"count": len(plan_.heldout), "pool": plan_.heldout_pool,
                                "ids_sha256": core.ids_hash(plan_.heldout),
-                               "ids": [_plain(i) for i in plan_.heldout]}},
+                               "ids": [_plain(i) for i in plan_.heldout]},
+                   **({"dev": {"count": len(plan_.dev), "pool": plan_.dev_pool,
+                               "ids_sha256": core.ids_hash(plan_.dev),
+                               "ids": [_plain(i) for i in plan_.dev]}} if plan_.dev else {})},
         "objective": ("negative log-likelihood of the yes/no answer's tokens after each "
-                      "label's question (Attribute.questions)" if attribute.multi else
+                      "label's question (Attribute.questions)"
+                      + (", weighted so that each label's yes and no answers carry equal "
+                         "totals" if hp.balance else "") if attribute.multi else
                       "negative log-likelihood of the human label's tokens after the spec's "
                       "prompt") + ", tokenised in context as udfs.engines.prompts scores labels",
         "hyperparameters": {k: v for k, v in vars(hp).items() if k != "threads"},
         "training": training,
         "heldout_metrics": None,
     }
-    _write_card(out, card)
+    _write_card(out, card)  # no calibration yet: what is scored next is the model's own
     engine = eval_engine(evaluate_with, out)
-    if engine is not None:
+    if engine is None:
+        if plan_.dev:
+            log("--eval-engine none: the dev split is not scored, no thresholds are fitted")
+        return card
+    if plan_.dev:
+        log(f"scoring the {len(plan_.dev)} dev and {len(plan_.heldout)} held-out items with "
+            f"{engine['type']} ...")
+        card["calibration"], card["heldout_metrics"] = score_with_thresholds(
+            plan_, engine, truth, label_map)
+        log("per-label thresholds fitted on the dev split: " + ", ".join(
+            f"{lab} {t:.3f}" for lab, t in card["calibration"]["thresholds"].items()))
+    else:
         log(f"scoring the {len(plan_.heldout)} held-out items with {engine['type']} ...")
         card["heldout_metrics"] = score(plan_, engine, truth, label_map)
-        if baseline:
-            log(f"scoring the base model on the same items ...")
-            card["heldout_metrics_base_model"] = score(plan_, eval_engine(evaluate_with, path),
-                                                       truth, label_map)
-        _write_card(out, card)
+    if baseline:
+        log("scoring the base model on the same items ...")
+        card["heldout_metrics_base_model"] = score(plan_, eval_engine(evaluate_with, path),
+                                                   truth, label_map)
+    _write_card(out, card)
     return card
 
 
@@ -561,10 +714,18 @@ def summary(m: dict | None) -> str:
                 f"macro-F1 {m['macro_f1']:.3f} ({b['macro_f1']:.3f}), Jaccard "
                 f"{m['jaccard']:.3f} ({b['jaccard']:.3f}), macro AUC "
                 + (f"{m['macro_auc']:.3f}" if m["macro_auc"] is not None else "n/a")
-                + f", ECE {m['ece']:.3f} on {m['n']} items")
+                + f", ECE {m['ece']:.3f} on {m['n']} items" + _without_thresholds(m))
     return (f"held-out strict accuracy {m['strict_accuracy']:.3f} (majority baseline "
             f"{m['majority_baseline']:.3f}), kappa {m['kappa']:.3f}, ECE "
             f"{m['strict_ece']:.3f}, hit rate {m['hit_rate']:.3f} on {m['items']} items")
+
+
+def _without_thresholds(m: dict) -> str:
+    u = m.get("uncalibrated")
+    if not u:
+        return ""
+    return (f", with the thresholds fitted on the dev split (without them: micro-F1 "
+            f"{u['micro_f1']:.3f}, macro-F1 {u['macro_f1']:.3f}, Jaccard {u['jaccard']:.3f})")
 
 
 def _plain(value):
@@ -607,6 +768,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="transformers, vllm, none, or an engine config (its model is <out>)")
     p.add_argument("--baseline", action="store_true",
                    help="also score the base model on the held-out items")
+    p.add_argument("--dev", type=float, default=None,
+                   help=f"multi-label: the fraction of the training split that fits the "
+                        f"per-label thresholds (default {DEV}; 0: no thresholds)")
+    p.add_argument("--max-dev", type=int, default=MAX_DEV,
+                   help="multi-label: at most this many dev items scored")
+    p.add_argument("--no-balance", dest="balance", action="store_false",
+                   help="multi-label: do not weight each label's yes and no answers alike")
     p.add_argument("--verbose", action="store_true")
     return p.parse_args(argv)
 
@@ -620,15 +788,16 @@ def main(argv: list[str] | None = None) -> int:
         layers = None if args.train_layers == "all" else int(args.train_layers)
         hp = Hyper(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
                    max_prompt_tokens=args.max_prompt_tokens, precision=args.precision,
-                   train_layers=layers, seed=args.seed, device=args.device,
-                   threads=args.threads)
+                   train_layers=layers, balance=args.balance, seed=args.seed,
+                   device=args.device, threads=args.threads)
         heldout = (read_frame(args.heldout_ids)["item_id"].tolist() if args.heldout_ids
                    else None)
         card = run(args.spec, args.attribute, read_frame(args.labels), read_frame(args.items),
                    [c.strip() for c in args.text_columns.split(",")], Path(args.out),
                    args.model, hp, args.holdout, args.max_train, args.max_heldout,
                    args.min_per_label, heldout, args.eval_engine, args.baseline,
-                   sources={"labels_file": args.labels, "items_file": args.items})
+                   sources={"labels_file": args.labels, "items_file": args.items},
+                   dev=args.dev, max_dev=args.max_dev)
     except FinetuneError as exc:
         for line in str(exc).splitlines():
             print(f"finetune: error: {line}", file=sys.stderr)

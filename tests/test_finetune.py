@@ -333,7 +333,8 @@ def trained_multi(tiny, genre_sets, tmp_path_factory):
                   lambda tok, attr, frame, n: (seen.append(frame.copy()), real(tok, attr, frame, n))[1])
     try:
         code = finetune.main(multi_args(genre_sets, out, tiny, "--max-train", "24",
-                                        "--max-heldout", "12", "--batch-size", "8",
+                                        "--max-heldout", "12", "--max-dev", "16",
+                                        "--batch-size", "8",
                                         "--epochs", "2", "--lr", "3e-3", "--precision",
                                         "float32", "--seed", "7"))
     finally:
@@ -379,7 +380,8 @@ def test_a_multi_label_split_holds_out_every_label(genre_sets):
     held = set().union(*sets.loc[list(plan.heldout)])
     assert held == set(GENRES.labels)  # Film-Noir, on 3 of the 400, too
     assert not set(plan.train) & set(plan.heldout)
-    assert len(plan.train) + len(plan.heldout) == len(genre_sets["labels"])
+    # the rest of the training split is the development split (the per-label thresholds)
+    assert len(plan.train) + len(plan.dev) + len(plan.heldout) == len(genre_sets["labels"])
     # stored in spec order, whatever order the table gave
     shuffled = genre_sets["labels"].assign(labels=genre_sets["labels"]["labels"].map(
         lambda v: "|".join(reversed(v.split("|")))))
@@ -424,6 +426,7 @@ def test_the_engines_load_what_a_multi_label_run_learned(trained_multi, tiny, ge
 
     def mean_true_loglik(model) -> float:
         engine = TransformersEngine(str(model), dtype="float32")
+        engine.model_dir = None  # the model's own P(yes): its card's thresholds move them
         try:
             p = engine.tag(rows["text"].tolist(), GENRES)
         finally:
@@ -435,6 +438,188 @@ def test_the_engines_load_what_a_multi_label_run_learned(trained_multi, tiny, ge
     assert tuned_model_notes(load_spec(SPEC).restricted(["genres"]), [engine]) == []
     (note,) = tuned_model_notes(load_spec(SPEC), [engine])
     assert note == "model was fine-tuned on genres only; it answers genre (and any caption) untrained"
+
+
+# ------------------------------------------------------------------ balance and thresholds
+
+def test_balance_weights_give_each_label_equal_yes_and_no_totals():
+    sets = [("Drama",), ("Drama", "Comedy"), (), ("Comedy",), ("Drama",), ("Drama", "War")]
+    labels = ("Comedy", "Drama", "War", "Western")
+    w = core.balance_weights(sets, labels)
+    truth = np.array([[lab in s for lab in labels] for s in sets])
+    for j, lab in enumerate(labels[:3]):
+        yes, no = w[truth[:, j], j], w[~truth[:, j], j]
+        assert len(set(yes)) == len(set(no)) == 1  # one weight per answer and label
+        assert yes.sum() == pytest.approx(no.sum()) == pytest.approx(len(sets) / 2)
+    assert w[:, 2].tolist() == pytest.approx([0.6] * 5 + [3.0])  # War: 1 yes, 5 no
+    assert w[:, 3].tolist() == [1.0] * 6  # no item has Western: nothing to balance
+    assert w.mean(axis=0) == pytest.approx(1.0)  # the loss keeps its scale
+
+
+def test_a_weighted_example_weighs_its_loss(tiny):
+    import dataclasses
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    model = AutoModelForCausalLM.from_pretrained(str(tiny), dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny))
+    frame = pd.DataFrame({"text": ["Heat (1995)"], "label": ["Crime"]})
+    a, b = finetune.examples_for(tokenizer, GENRES, frame, 512)[:2]
+    pad = tokenizer.pad_token_id
+    with torch.no_grad():
+        la, lb = (float(finetune.batch_loss(torch, model, [e], pad, "cpu")) for e in (a, b))
+        both = finetune.batch_loss(torch, model, [dataclasses.replace(a, weight=3.0),
+                                                  dataclasses.replace(b, weight=0.5)], pad, "cpu")
+    assert float(both) == pytest.approx((3.0 * la + 0.5 * lb) / 2, abs=1e-5)
+
+
+def test_the_thresholds_maximise_each_label_s_dev_f1():
+    p = np.array([[0.9, 0.9, 0.9, 0.4], [0.8, 0.5, 0.1, 0.3], [0.7, 0.4, 0.2, 0.2],
+                  [0.6, 0.3, 0.3, 0.1], [0.3, 0.2, 0.4, 0.5], [0.2, 0.1, 0.5, 0.6]])
+    y = np.array([[1, 1, 0, 0], [1, 0, 0, 0], [0, 0, 1, 0],
+                  [1, 1, 0, 0], [0, 0, 0, 0], [0, 0, 1, 0]], dtype=bool)
+    # label 0: at 0.6 three of four chosen are right, F1 6/7 (0.8 gives 4/5)
+    # label 1: F1 2/3 at 0.9 and at 0.3: the tie keeps the higher threshold
+    # label 2: 0.2 (both positives among five chosen, F1 4/7) beats 0.5 and 0.1 (1/2)
+    # label 3: no positive in dev: the spec's threshold
+    assert core.fit_thresholds(p, y, 0.5) == [0.6, 0.9, 0.2, 0.5]
+    # and against a brute force over every cut, on random scores
+    from sklearn.metrics import f1_score
+    rng = np.random.default_rng(0)
+    p, y = rng.random((40, 5)).round(2), rng.random((40, 5)) < 0.3
+    for j, t in enumerate(core.fit_thresholds(p, y, 0.5)):
+        best = max(f1_score(y[:, j], p[:, j] >= c) for c in np.unique(p[:, j]))
+        assert f1_score(y[:, j], p[:, j] >= t) == best
+        assert all(f1_score(y[:, j], p[:, j] >= c) < best for c in np.unique(p[:, j]) if c > t)
+
+
+@pytest.mark.parametrize("target", [0.5, 0.3, 0.77])
+def test_the_calibration_moves_each_fitted_threshold_onto_the_spec_s(target):
+    from udfs.engines.calibration import shift
+    thresholds = [0.2, target, 0.83, 0.0123]
+    t = np.array(thresholds)
+    # each threshold lands on the target exactly; a hair below stays below it
+    assert shift(t[None], thresholds, target)[0].tolist() == [target] * 4
+    below = np.nextafter(t, 0)[None]
+    assert (shift(below, thresholds, target) < target).all()
+    # the decision is the fitted threshold's, for any score; the logit moves by the offset
+    rng = np.random.default_rng(1)
+    p = np.vstack([rng.random((500, 4)), t, np.nextafter(t, 1), below[0]])
+    q = shift(p, thresholds, target)
+    np.testing.assert_array_equal(q >= target, p >= t)
+    logit = lambda x: np.log(x) - np.log1p(-x)  # noqa: E731
+    offsets = logit(target) - logit(t)
+    np.testing.assert_allclose(logit(q) - logit(p), np.broadcast_to(offsets, p.shape),
+                               atol=1e-8)
+    assert (q[:, 1] == p[:, 1]).all()  # the label at the spec's threshold: untouched
+
+
+def test_the_dev_split_is_seeded_and_apart_from_training_and_held_out(genre_sets,
+                                                                     trained_multi):
+    def plan(seed, **kw):
+        return finetune.plan(GENRES, genre_sets["labels"], genre_sets["items"],
+                             ["title", "tags"], seed=seed, **kw)
+    p = plan(3, max_train=50)
+    assert p.dev and p.dev_pool == len(p.dev)  # fewer than --max-dev: all of it
+    text = p.rows.set_index("item_id")["text"]
+    for other in (p.train, p.heldout):
+        assert not set(p.dev) & set(other)
+        assert not set(text.loc[list(p.dev)]) & set(text.loc[list(other)])
+    assert plan(3, max_train=50).dev == p.dev and plan(4, max_train=50).dev != p.dev
+    # carved before --max-train draws: the same dev for any training size
+    assert plan(3).dev == p.dev and plan(3, max_dev=10).dev == core.subset(p.dev, 10, 3, 5)
+    assert plan(3, dev=0).dev == () and plan(3, dev=0).data_hash != p.data_hash
+    with pytest.raises(core.FinetuneError, match="--dev is for multi-label attributes"):
+        finetune.plan(GENRE, genre_sets["labels"].rename(columns={"labels": "label"}),
+                      genre_sets["items"], ["title", "tags"], dev=0.2)
+    # the run: the card's dev items were never trained on, nor held out
+    card, seen = trained_multi["card"], trained_multi["seen"]
+    dev = card["splits"]["dev"]
+    assert dev["count"] > 0 and dev["ids_sha256"] == core.ids_hash(dev["ids"])
+    assert not set(dev["ids"]) & set().union(*(set(f["item_id"]) for f in seen))
+    assert not set(dev["ids"]) & set(card["splits"]["heldout"]["ids"])
+
+
+def test_a_multi_label_run_balances_its_answers_and_fits_thresholds_on_dev(trained_multi,
+                                                                           genre_sets):
+    card = trained_multi["card"]
+    assert card["hyperparameters"]["balance"] is True and "equal totals" in card["objective"]
+    sets = finetune.plan(GENRES, genre_sets["labels"], genre_sets["items"], ["title", "tags"]
+                         ).rows.set_index("item_id")["label"].map(lambda v: v.split("|"))
+    train = sets.loc[card["splits"]["train"]["ids"]]
+    for lab, w in card["training"]["answer_weights"].items():
+        yes = int(train.map(lambda s: lab in s).sum())
+        if 0 < yes < len(train):  # per label, the yes answers weigh as much as the no
+            assert w["yes"] * yes == pytest.approx(w["no"] * (len(train) - yes), rel=1e-3)
+        else:
+            assert 1.0 in (w["yes"], w["no"])
+    # the thresholds: those that maximise F1 on the dev items, scored by the model as saved
+    cal = card["calibration"]
+    assert (cal["attribute"], cal["attribute_version"]) == ("genres", GENRES.version)
+    dev = card["splits"]["dev"]["ids"]
+    assert cal["fitted_on"]["split"] == "dev" and cal["fitted_on"]["items"] == len(dev)
+    engine = TransformersEngine(str(trained_multi["out"]), dtype="float32")
+    engine.model_dir = None  # the model's own probabilities
+    try:
+        texts = finetune.plan(GENRES, genre_sets["labels"], genre_sets["items"],
+                              ["title", "tags"]).frame(dev)["text"].tolist()
+        raw = engine.tag(texts, GENRES)
+    finally:
+        engine.close()
+    truth = np.array([[lab in sets.loc[i] for lab in GENRES.labels] for i in dev])
+    expected = core.fit_thresholds(raw, truth, GENRES.threshold)
+    np.testing.assert_allclose([cal["thresholds"][lab] for lab in GENRES.labels], expected,
+                               atol=1e-6)
+    assert any(t != GENRES.threshold for t in expected)
+    # the held-out metrics: with the thresholds, and without them for comparison
+    m = card["heldout_metrics"]
+    assert "dev split" in m["thresholds"] and m["uncalibrated"]["micro_f1"] is not None
+    assert set(m["uncalibrated"]) >= {"micro_f1", "macro_f1", "jaccard", "ece", "per_label"}
+
+
+def test_the_transformers_engine_applies_the_calibration(trained_multi, genre_sets):
+    """Loading the tuned directory, Engine.tag gives the model's probabilities with each
+    label's logit moved by logit(spec threshold) - logit(fitted threshold): the fitted
+    thresholds decide, through Attribute.choose's one rule."""
+    thresholds = np.array([trained_multi["card"]["calibration"]["thresholds"][lab]
+                           for lab in GENRES.labels])
+    texts = genre_sets["items"]["title"].head(8).tolist()
+    engine = TransformersEngine(str(trained_multi["out"]), dtype="float32")
+    try:
+        assert engine.model_dir == str(trained_multi["out"])
+        calibrated = engine.tag(texts, GENRES)
+        engine.model_dir = None
+        raw = engine.tag(texts, GENRES).astype(float)  # the engine's float32
+    finally:
+        engine.close()
+    logit = lambda x: np.log(x) - np.log1p(-x)  # noqa: E731
+    moved = thresholds != GENRES.threshold
+    assert moved.any()
+    np.testing.assert_allclose(logit(calibrated) - logit(raw),
+                               np.broadcast_to(logit(GENRES.threshold) - logit(thresholds),
+                                               raw.shape), atol=1e-9)
+    np.testing.assert_array_equal(calibrated[:, ~moved], raw[:, ~moved])
+    np.testing.assert_array_equal(calibrated >= GENRES.threshold, raw >= thresholds)
+
+
+def test_the_calibration_is_not_applied_to_another_attribute_version(trained_multi,
+                                                                     genre_sets, caplog):
+    import dataclasses
+    other = dataclasses.replace(GENRES, threshold=0.4)  # another definition: another version
+    assert other.version != GENRES.version
+    texts = genre_sets["items"]["title"].head(4).tolist()
+    engine = TransformersEngine(str(trained_multi["out"]), dtype="float32")
+    try:
+        with caplog.at_level("WARNING", logger="udfs.engines.calibration"):
+            first, again = engine.tag(texts, other), engine.tag(texts, other)
+        engine.model_dir = None
+        raw = engine.tag(texts, other)
+    finally:
+        engine.close()
+    np.testing.assert_array_equal(first, raw)
+    np.testing.assert_array_equal(again, raw)
+    (record,) = [r for r in caplog.records if r.name == "udfs.engines.calibration"]
+    assert f"fitted for genres version {GENRES.version}" in record.getMessage()
+    assert "scored without them" in record.getMessage()
 
 
 @pytest.mark.parametrize("case, message", [

@@ -2,7 +2,7 @@ import dataclasses
 
 import pytest
 
-from udfs.spec import SpecError, load_spec, parse_spec
+from udfs.spec import Example, SpecError, load_spec, parse_spec
 
 
 def base():
@@ -72,7 +72,8 @@ def test_missing_and_malformed_files(tmp_path):
 
 
 def test_render_includes_examples_and_labels(spec):
-    vibe = spec.attributes["vibe"]
+    vibe = dataclasses.replace(spec.attributes["vibe"],
+                               examples=(Example("The Exorcist (1973)", "dark"),))
     prompt = vibe.render("Heat (1995)")
     assert prompt.index("The Exorcist") < prompt.index("Heat (1995)")
     assert "dark, light-hearted" in prompt and prompt.endswith("Answer:")

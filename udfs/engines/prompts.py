@@ -23,6 +23,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from udfs.engines.base import Engine, Labels
+from udfs.engines.calibration import calibrate
 from udfs.spec import Attribute, Caption
 
 
@@ -59,6 +60,7 @@ class LabelScoringEngine(Engine):
     (a transformers tokenizer, as vLLM's get_tokenizer() also gives) applies it."""
 
     tokenizer = None  # engines with the model's tokenizer set it
+    model_dir = None  # engines loading a local model directory set it (calibrates tag)
 
     def prompt_limit(self, part: Attribute | Caption) -> int | None:
         """The most tokens a prompt of `part` may have so that the model takes it with its
@@ -134,7 +136,8 @@ class LabelScoringEngine(Engine):
         if not questions:
             return np.zeros((0, len(attribute.labels)))
         yes = label_probabilities(self.label_loglik(questions, yes_no))[:, 0]
-        return yes.reshape(len(texts), len(attribute.labels))
+        yes = yes.reshape(len(texts), len(attribute.labels))
+        return calibrate(self.model_dir, attribute, yes)  # a tuned model's label thresholds
 
 
 def _common_prefix(seqs: Sequence[Sequence[int]]) -> int:
