@@ -135,7 +135,10 @@ def test_a_changed_threshold_reannotates_that_attribute_alone(flow):
     cmd[cmd.index("--report") + 1] = flow["base"] / "again.json"
     run(cmd, ROOT, flow["env"])
     again = json.loads((flow["base"] / "again.json").read_text())
-    assert again["parts"]["genres"] == {"annotated": N_ITEMS, "reasons": {"definition": N_ITEMS}}
+    genres = again["parts"]["genres"]
+    assert (genres["annotated"], genres["reasons"]) == (N_ITEMS, {"definition": N_ITEMS})
+    # MiniLM reads 256 word pieces: a longer lead is cut, and counted (never an error)
+    assert 0 <= genres.get("truncated_texts", 0) <= N_ITEMS and again["rows_with_errors"] == 0
     for part in ("vibe", "intensity", "caption"):
         assert again["parts"][part]["annotated"] == 0, again["parts"]
     spec = load_spec(path)
