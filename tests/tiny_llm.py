@@ -12,11 +12,13 @@ share first tokens (" thrilling" / " thoughtful").
 """
 from __future__ import annotations
 
+import dataclasses
+
 from pathlib import Path
 
 import pytest
 
-from udfs.spec import load_spec
+from udfs.spec import Example, load_spec
 
 SPEC = Path(__file__).resolve().parents[1] / "specs" / "movielens.yaml"
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
@@ -36,6 +38,11 @@ _GENRES = ["Action", "Adventure", "Animation", "Children", "Comedy", "Crime", "D
 def corpus() -> list[str]:
     """A few hundred strings: the spec's prompts, labels and definitions, and movie-like text."""
     spec = load_spec(SPEC)
+    # the vibe example the demo spec had until its prompts started with the item: kept here
+    # so the tiny models (and the tests' expectations of them) do not move with that edit
+    vibe = spec.attributes["vibe"]
+    spec = dataclasses.replace(spec, attributes={**spec.attributes, "vibe": dataclasses.replace(
+        vibe, examples=(Example("The Exorcist (1973). Genres: Horror, Mystery", "dark"),))})
     lines = []
     for i, title in enumerate(_TITLES):
         genres = ", ".join(_GENRES[(i + k) % len(_GENRES)] for k in range(1 + i % 3))
